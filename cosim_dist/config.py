@@ -1,0 +1,255 @@
+"""Typed configuration: dataclass schema, omegaconf groups (`model=toy data=gmm`), dotted overrides,
+validation that names the offending key and the valid choices, and the resolved-YAML dump."""
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import pathlib
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+TASKS = ('default', 'pretrain', 'train', 'eval')
+DEFAULT_GROUPS = {'model': 'toy', 'data': 'gmm'}
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message names it and the fix."""
+
+#----------------------------------------------------------------------------
+# Schema. Every field carries a one-line comment; group YAMLs under configs/ override these defaults.
+
+@dataclasses.dataclass
+class RunConfig:
+    name: str | None = None          # run name; the run lives in <root>/<name> (default: <model>-<data>)
+    root: str = 'runs'               # directory that holds all run directories
+    seed: int = 0                    # global seed (data order, noise, initialisation)
+    device: str = 'auto'             # auto | cpu | cuda
+
+@dataclasses.dataclass
+class ModelConfig:
+    arch: str = 'toy'                # network architecture (cosim_dist.nets.ARCHS)
+    teacher: str | None = None       # teacher checkpoint path or URL; null = pretrain the toy teacher
+    resolution: int = 16             # image (or latent) resolution
+    channels: int = 3                # image (or latent) channels
+    label_dim: int = 10              # number of classes (0 = unconditional)
+    sigma_data: float = 0.5          # EDM sigma_data
+    net: dict[str, Any] = dataclasses.field(default_factory=lambda: {'model_channels': 32, 'channel_mult': [1, 2]})  # architecture kwargs
+
+@dataclasses.dataclass
+class AuxConfig:
+    t_embed: str = 'gated'           # second noise embedding for sigma_t: gated | sum
+
+@dataclasses.dataclass
+class GMMDataConfig:
+    classes: int = 10                # toy classes
+    components: int = 3              # Gaussian components per class
+    rank: int = 4                    # rank of each component's variation
+    template_std: float = 0.35       # std of class templates
+    offset_std: float = 0.2          # std of component offsets
+    variation_std: float = 0.25      # scale of the low-rank variation
+    noise_std: float = 0.03          # isotropic std of every component
+    seed: int = 0                    # seed of the world (templates, bases)
+
+@dataclasses.dataclass
+class DataConfig:
+    kind: str = 'gmm'                # gmm (exact toy world) | shards (WebDataset shards)
+    path: str | None = None          # shard directory or s3:// prefix (kind=shards)
+    num_workers: int = 0             # data loader worker processes per rank
+    gmm: GMMDataConfig = dataclasses.field(default_factory=GMMDataConfig)
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    ratio: float = 4.0               # R of Eq. T1 (gap fraction ~ Beta(R, 1))
+    r_lo: float = 0.0                # r_t ~ U(r_lo, 1) in rho-space
+    sigma_s_max: float | None = None # optional cap on sigma_s
+    sigma_min: float = 0.002         # smallest noise level
+    sigma_max: float = 80.0          # largest noise level
+    rho: float = 7.0                 # rho of the EDM grid
+
+@dataclasses.dataclass
+class KernelConfig:
+    eta: float = 1.0                 # Eq. K1 noise fraction (1 = fresh noise, the CoSIM kernel)
+
+@dataclasses.dataclass
+class LossConfig:
+    lmbda: float = 1.0               # lambda of Eq. A1 (auxiliary regularisation strength)
+    alpha: float | None = None       # Eq. G1 alpha override (default (1 + lambda) / 2)
+    gen_scale: float = 100.0         # Eq. G1 loss scale of w_g (SiD's lsg)
+
+@dataclasses.dataclass
+class TrainConfig:
+    kimg: float = 60.0               # distillation length in thousands of real images (per network step)
+    batch: int = 64                  # global batch size
+    batch_gpu: int | None = None     # micro-batch per rank (default: batch / world size)
+    lr_g: float = 1e-4               # generator learning rate
+    lr_aux: float = 1e-4             # auxiliary learning rate
+    beta1: float = 0.0               # Adam beta1 (Table 5: 0)
+    beta2: float = 0.999             # Adam beta2 (Table 5)
+    eps: float = 1e-8                # Adam epsilon
+    ema_halflife_kimg: float = 2.0   # generator EMA half-life in kimg
+    ema_rampup: float | None = 0.05  # EMA ramp-up ratio (null = off)
+    aux_steps_per_gen: int = 1       # auxiliary steps per generator step
+    log_kimg: float = 4.0            # status line / scalar logging interval
+    checkpoint_kimg: float = 20.0    # training-state checkpoint interval (0 = only at the end / on stop)
+
+@dataclasses.dataclass
+class PretrainConfig:
+    kimg: float = 300.0              # toy teacher training length in kimg
+    batch: int = 256                 # batch size
+    lr: float = 2e-3                 # Adam learning rate (cosine-decayed to 0)
+    p_mean: float = -1.0             # ln sigma ~ N(p_mean, p_std^2) (EDM training noise)
+    p_std: float = 1.4               # std of ln sigma
+    ema_halflife_kimg: float = 10.0  # teacher EMA half-life in kimg
+
+@dataclasses.dataclass
+class EvalConfig:
+    num_samples: int = 10000         # samples per sampler for the Frechet distance
+    steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])  # CoSIM sampler step counts K
+    heun_steps: int = 18             # teacher Heun steps N (NFE = 2N - 1)
+    grid_scale: float = 1.0          # scale of the interior sampler grid points (Eq. S1)
+    batch: int = 1000                # generation batch
+    seed: int = 0                    # first sample seed (sample i uses seed + i)
+
+@dataclasses.dataclass
+class LoggingConfig:
+    wandb: str = 'offline'           # offline | online | disabled
+    project: str = 'cosim-dist'      # wandb project
+    progress: bool = True            # show progress bars
+
+@dataclasses.dataclass
+class Config:
+    task: str = 'default'            # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval
+    groups: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_GROUPS))  # selected groups
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    aux: AuxConfig = dataclasses.field(default_factory=AuxConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    kernel: KernelConfig = dataclasses.field(default_factory=KernelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.run.root) / self.run.name
+
+#----------------------------------------------------------------------------
+# Choices validated after merging (key -> allowed values).
+
+CHOICES = {
+    'task': TASKS,
+    'run.device': ('auto', 'cpu', 'cuda'),
+    'aux.t_embed': ('gated', 'sum'),
+    'data.kind': ('gmm', 'shards'),
+    'logging.wandb': ('offline', 'online', 'disabled'),
+}
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml'))
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split('.'):
+        cfg = getattr(cfg, part)
+    return cfg
+
+def validate(cfg: Config) -> None:
+    """Check choices and cross-field constraints; raise ConfigError naming the key and the fix."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f'{key}={_get(cfg, key)!r} is invalid; valid choices: {", ".join(map(str, allowed))}')
+    from .nets import ARCHS
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError(f'model.arch={cfg.model.arch!r} is invalid; valid choices: {", ".join(sorted(ARCHS))}')
+    for key in ('train.batch', 'train.kimg', 'pretrain.batch', 'eval.num_samples', 'eval.batch', 'eval.heun_steps',
+                'train.aux_steps_per_gen'):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f'{key}={_get(cfg, key)} must be > 0')
+    if any(k < 1 for k in cfg.eval.steps):
+        raise ConfigError(f'eval.steps={cfg.eval.steps}: every sampler step count K must be >= 1')
+    if cfg.loss.lmbda < 0:
+        raise ConfigError(f'loss.lmbda={cfg.loss.lmbda} must be >= 0')
+    if not 0 < cfg.kernel.eta <= 1:
+        raise ConfigError(f'kernel.eta={cfg.kernel.eta} must lie in (0, 1]')
+    if cfg.data.kind == 'shards' and not cfg.data.path:
+        raise ConfigError('data.kind=shards needs data.path=<shard directory or s3:// prefix>')
+
+#----------------------------------------------------------------------------
+# Loading: schema defaults <- group files <- dotted overrides.
+
+def _unknown_key_error(key: str, node: Any) -> ConfigError:
+    valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    hint = difflib.get_close_matches(key.split('.')[-1], valid, n=1)
+    return ConfigError(f'unknown config key {key!r}' + (f' (did you mean {hint[0]!r}?)' if hint else '')
+                       + (f'; valid keys here: {", ".join(valid)}' if valid else ''))
+
+def _parent(cfg: DictConfig, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split('.')[:-1]:
+        if not isinstance(node, DictConfig) or part not in node:
+            return node
+        node = node[part]
+    return node
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        err = _unknown_key_error(key, _parent(base, key))
+        raise ConfigError(f'{source}: {err}') from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f'{source}: bad value for {e.full_key!r}: {e.msg.splitlines()[0]}') from None
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split `group=name` selections from dotted `key=value` overrides."""
+    groups, dotlist = {}, []
+    group_names = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    for arg in args:
+        if '=' not in arg:
+            raise ConfigError(f'cannot parse argument {arg!r}: expected group=name or key=value')
+        key, value = arg.split('=', 1)
+        if key in group_names:
+            groups[key] = value
+        else:
+            dotlist.append(arg)
+    return groups, dotlist
+
+def load_config(args: list[str] = ()) -> Config:
+    """Resolve a Config from command-line style arguments (`model=toy train.kimg=50`)."""
+    selected, dotlist = parse_overrides(list(args))
+    groups = {**DEFAULT_GROUPS, **selected}
+    cfg = OmegaConf.structured(Config)
+    for group, name in groups.items():
+        path = CONFIG_DIR / group / f'{name}.yaml'
+        if not path.is_file():
+            raise ConfigError(f'{group}={name!r} is not a known {group} config; valid choices: '
+                              f'{", ".join(group_choices(group))}')
+        cfg = _merge(cfg, OmegaConf.load(path), f'{path.relative_to(CONFIG_DIR.parent)}')
+    cfg = _merge(cfg, OmegaConf.create({'groups': groups}), 'groups')
+    for item in dotlist:
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f'override {item!r}')
+    obj: Config = OmegaConf.to_object(cfg)
+    if obj.run.name is None:
+        obj.run.name = '-'.join(groups.values())
+    validate(obj)
+    return obj
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+def config_hash(section: Any) -> str:
+    """Short stable hash of a config section (used to key caches and detect incompatible resumes)."""
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+def save_config(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:
+    """Write the resolved YAML to <run_dir>/config.yaml."""
+    path = run_dir / 'config.yaml'
+    path.write_text(to_yaml(cfg))
+    return path

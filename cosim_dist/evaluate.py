@@ -1,0 +1,78 @@
+"""Evaluation of samplers against ground truth: per-seed generation (image i always uses seed i, so
+results do not depend on batch size), float64 moments and the Frechet distance in pixel space."""
+
+import dataclasses
+import json
+import pathlib
+from typing import Callable
+
+import torch
+
+from . import cosim
+from .metrics import MomentAccumulator, frechet_distance
+
+Sampler = Callable[[torch.Tensor, torch.Tensor | None, list[torch.Tensor]], torch.Tensor]
+
+@dataclasses.dataclass
+class SamplerSpec:
+    name: str                 # table row name
+    nfe: int                  # network evaluations per sample
+    extra_draws: int          # Gaussian draws per sample beyond z (K - 1 for Eq. S1)
+    fn: Sampler               # (z, labels, noise draws) -> images
+
+def heun_spec(teacher: torch.nn.Module, num_steps: int, noise: cosim.NoiseRange) -> SamplerSpec:
+    return SamplerSpec(f'teacher Heun (N={num_steps})', 2 * num_steps - 1, 0,
+                       lambda z, c, _: cosim.heun_sample(teacher, z, c, num_steps, noise))
+
+def cosim_spec(G: torch.nn.Module, K: int, noise: cosim.NoiseRange, scale: float = 1.0, name: str = 'CoSIM') -> SamplerSpec:
+    grid = cosim.default_grid(K, noise, scale)
+    return SamplerSpec(f'{name} K={K}', K, K - 1, lambda z, c, n: cosim.cosim_sample(G, z, c, grid, n))
+
+def seeded_inputs(seeds: range, shape: tuple[int, ...], label_dim: int, extra_draws: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """Per-image inputs: image i draws its label, z and re-noising draws from a generator seeded by i."""
+    zs, labels, draws = [], [], []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        labels.append(torch.randint(max(label_dim, 1), (), generator=gen))
+        zs.append(torch.randn(shape, generator=gen))
+        draws.append(torch.randn(extra_draws, *shape, generator=gen))
+    c = torch.nn.functional.one_hot(torch.stack(labels), label_dim).float().to(device) if label_dim else None
+    noise = list(torch.stack(draws).to(device).transpose(0, 1))
+    return torch.stack(zs).to(device), c, noise
+
+@torch.no_grad()
+def generate(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], label_dim: int, batch: int,
+             device: torch.device, on_batch: Callable[[torch.Tensor], None]) -> None:
+    """Run a sampler over `seeds` in batches and hand every batch of images to `on_batch`."""
+    for start in range(seeds.start, seeds.stop, batch):
+        z, c, noise = seeded_inputs(range(start, min(start + batch, seeds.stop)), shape, label_dim, spec.extra_draws, device)
+        on_batch(spec.fn(z, c, noise))
+
+def sampler_moments(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], label_dim: int, batch: int,
+                    device: torch.device, progress: Callable[[int], None] = lambda n: None) -> MomentAccumulator:
+    """Pixel-space float64 moments of a sampler's images."""
+    acc = MomentAccumulator(int(torch.tensor(shape).prod()))
+
+    def consume(images: torch.Tensor) -> None:
+        acc.update(images.flatten(1))
+        progress(images.shape[0])
+
+    generate(spec, seeds, shape, label_dim, batch, device, consume)
+    return acc
+
+#----------------------------------------------------------------------------
+
+def write_results(rows: list[dict], path: pathlib.Path) -> None:
+    """eval.json: one entry per sampler with name, NFE and frechet_distance."""
+    path.write_text(json.dumps(rows, indent=2) + '\n')
+
+def format_table(rows: list[dict]) -> str:
+    width = max(len(r['name']) for r in rows)
+    lines = [f'{"sampler":<{width}}  {"NFE":>4}  {"Frechet distance":>16}', '-' * (width + 24)]
+    lines += [f'{r["name"]:<{width}}  {r["nfe"]:>4}  {r["frechet_distance"]:>16.4f}' for r in rows]
+    return '\n'.join(lines)
+
+def frechet_to_reference(acc: MomentAccumulator, ref_mu, ref_sigma) -> float:
+    mu, sigma = acc.moments()
+    return frechet_distance(mu, sigma, ref_mu, ref_sigma)

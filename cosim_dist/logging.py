@@ -1,0 +1,87 @@
+"""Run logging: console status, tqdm progress with images/s and ETA, JSONL scalars, wandb (offline by
+default) and PNG sample grids. Only rank 0 writes."""
+
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger('cosim_dist')
+
+def setup_console(rank: int = 0) -> None:
+    """Plain `[cosim_dist] message` lines on stderr from rank 0; warnings from every rank."""
+    if log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('[cosim_dist] %(message)s'))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+
+#----------------------------------------------------------------------------
+
+class RunLogger:
+    """Scalars to <run_dir>/<name>.jsonl and wandb; a progress bar counted in images."""
+
+    def __init__(self, run_dir: pathlib.Path, name: str, config: dict[str, Any], wandb_mode: str = 'offline',
+                 project: str = 'cosim-dist', progress: bool = True, rank: int = 0) -> None:
+        self.enabled = rank == 0
+        self.progress_enabled = progress and self.enabled
+        self.bar: tqdm | None = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        self.jsonl = open(run_dir / f'{name}.jsonl', 'a')
+        if wandb_mode != 'disabled':
+            os.environ.setdefault('WANDB_SILENT', 'true')
+            import wandb
+            self.wandb = wandb.init(project=project, name=f'{run_dir.name}-{name}', dir=str(run_dir), config=config,
+                                    mode=wandb_mode, resume='allow', id=f'{run_dir.name}-{name}'.replace('/', '_'))
+
+    def start(self, total_img: int, done_img: int, desc: str) -> None:
+        if self.progress_enabled:
+            self.bar = tqdm(total=total_img, initial=done_img, desc=desc, unit='img', unit_scale=True,
+                            dynamic_ncols=True, smoothing=0.1)
+
+    def advance(self, nimg: int, **postfix: float) -> None:
+        if self.bar is not None:
+            self.bar.update(nimg)
+            if postfix:
+                self.bar.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
+
+    def scalars(self, step_img: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({'nimg': step_img, 'time': time.time(), **values}) + '\n')
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step_img)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.enabled:
+            self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+#----------------------------------------------------------------------------
+
+def save_image_grid(images: torch.Tensor, path: pathlib.Path, rows: int) -> None:
+    """Write images [N, C, H, W] in [-1, 1] as one PNG grid with `rows` rows."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    n, c, h, w = x.shape
+    cols = -(-n // rows)
+    canvas = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, k * w:(k + 1) * w] = x[i].transpose(1, 2, 0)
+    Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas[..., :3]).save(path)

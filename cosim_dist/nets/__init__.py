@@ -1,0 +1,24 @@
+"""Denoiser networks: every architecture is an EDM-preconditioned module called as
+`net(x, sigma, class_labels=None, sigma_t=None, return_logvar=False)`.
+
+`class_labels` is one-hot [N, label_dim] (or None), `sigma` a scalar or [N] tensor. `sigma_t` is only
+accepted by auxiliary networks (built with `aux_t_embed`), see `aux.py`. Each class records its
+constructor arguments in `self.init_kwargs` so that copies (generator, auxiliary) and exports can rebuild it.
+"""
+
+import torch
+
+from . import toy
+
+ARCHS: dict[str, type[torch.nn.Module]] = {
+    'toy': toy.ToyPrecond,
+}
+
+def build_network(arch: str, **kwargs) -> torch.nn.Module:
+    """Instantiate a preconditioned denoiser of architecture `arch` (a key of ARCHS)."""
+    if arch not in ARCHS:
+        raise ValueError(f'model.arch={arch!r} is not a known architecture; valid choices: {sorted(ARCHS)}')
+    try:
+        return ARCHS[arch](**kwargs)
+    except TypeError as e:
+        raise ValueError(f'model.net: bad arguments for architecture {arch!r}: {e}') from e

@@ -1,0 +1,49 @@
+"""Pretraining of the toy teacher by EDM denoising score matching (ALGORITHM.md Part II s.1,
+"Training noise and weighting"): ln sigma ~ N(P_mean, P_std^2), loss lambda(sigma) |D(x0 + sigma n) - x0|^2."""
+
+import copy
+import math
+
+import torch
+
+from . import cosim
+from .config import PretrainConfig
+from .logging import RunLogger
+from .nets.precond import edm_loss_weight
+from .trainer import BatchStream, step_generator
+
+def dsm_loss(net: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, cfg: PretrainConfig,
+             sigma_data: float, gen: torch.Generator) -> torch.Tensor:
+    """EDM denoising score matching loss (Part II s.1), summed over pixels, mean over the batch."""
+    n = x0.shape[0]
+    sigma = (torch.randn(n, generator=gen, device=x0.device) * cfg.p_std + cfg.p_mean).exp()
+    noisy = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen, device=x0.device)
+    err = (net(noisy, sigma, labels) - x0) ** 2
+    return (edm_loss_weight(sigma, sigma_data) * err.flatten(1).sum(1)).mean()
+
+def pretrain_teacher(net: torch.nn.Module, data: BatchStream, cfg: PretrainConfig, sigma_data: float, seed: int,
+                     logger: RunLogger) -> torch.nn.Module:
+    """Train `net` from scratch with Adam (cosine-decayed lr) and return its EMA, frozen and in eval mode."""
+    device = next(net.parameters()).device
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    total, nimg = int(cfg.kimg * 1000), 0
+    logger.start(total, 0, 'pretrain')
+    net.train()
+    while nimg < total:
+        gen = step_generator(seed, 0, nimg, device)
+        x0, c = data.next_batch()
+        x0, c = x0.to(device), c.to(device)
+        for group in opt.param_groups:
+            group['lr'] = cfg.lr * 0.5 * (1 + math.cos(math.pi * nimg / total))
+        loss = dsm_loss(net, x0, c if c.shape[1] else None, cfg, sigma_data, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        nimg += x0.shape[0]
+        cosim.ema_update(ema, net, cosim.ema_beta(x0.shape[0], nimg, cfg.ema_halflife_kimg, 0.1))
+        logger.advance(x0.shape[0], loss=loss.item())
+        if nimg % (cfg.batch * 50) == 0 or nimg >= total:
+            logger.scalars(nimg, {'pretrain/loss': loss.item()})
+    logger.close()
+    return ema

@@ -1,0 +1,204 @@
+"""Tasks behind `launch.py`: pretrain (toy teacher), train (CoSIM distillation), eval, and the embedded
+default pipeline (teacher -> distil -> evaluate). Builds the components the trainer receives."""
+
+import dataclasses
+import os
+import pathlib
+import time
+
+import torch
+
+from . import cosim
+from .checkpoint import LocalCheckpointer
+from .config import Config, ConfigError, config_hash, save_config, to_yaml
+from .engines import TorchEngine
+from .evaluate import (cosim_spec, format_table, frechet_to_reference, heun_spec, sampler_moments,
+                       seeded_inputs, write_results)
+from .metrics import MomentAccumulator
+from .logging import RunLogger, log, save_image_grid
+from .nets import build_network
+from .nets.aux import make_auxiliary
+from .pretrain import pretrain_teacher
+from .toy import GMMConfig, GMMStream, GMMWorld
+from .trainer import Trainer
+
+#----------------------------------------------------------------------------
+# Run directory, device, components.
+
+def prepare_run_dir(cfg: Config) -> pathlib.Path:
+    """Create <run.root>/<run.name> and save the resolved config; a one-line error if not writable."""
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / '.write-test'
+        probe.write_text('')
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f'run directory {run_dir} is not writable ({e.strerror}); '
+                          f'choose another with run.root=DIR or run.name=NAME') from None
+    save_config(cfg, run_dir)
+    return run_dir
+
+def resolve_device(name: str) -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError('run.device=cuda but no CUDA device is visible; use run.device=cpu or auto')
+    return torch.device(name)
+
+def make_world(cfg: Config) -> GMMWorld:
+    if cfg.data.kind != 'gmm':
+        raise ConfigError(f'data.kind={cfg.data.kind!r} has no exact ground truth; the toy pipeline needs data=gmm')
+    if cfg.data.gmm.classes != cfg.model.label_dim:
+        raise ConfigError(f'data.gmm.classes={cfg.data.gmm.classes} must equal model.label_dim={cfg.model.label_dim}')
+    return GMMWorld(GMMConfig(**dataclasses.asdict(cfg.data.gmm), resolution=cfg.model.resolution,
+                              channels=cfg.model.channels))
+
+def make_stream(cfg: Config, batch_per_rank: int, seed: int):
+    if cfg.data.kind == 'gmm':
+        return GMMStream(make_world(cfg), batch_per_rank, seed)
+    from .data import ShardStream
+    return ShardStream(cfg.data.path, batch_size=batch_per_rank, seed=seed, num_workers=cfg.data.num_workers)
+
+def make_logger(cfg: Config, name: str) -> RunLogger:
+    return RunLogger(cfg.run_dir, name, config=dict(groups=cfg.groups, task=cfg.task), wandb_mode=cfg.logging.wandb,
+                     project=cfg.logging.project, progress=cfg.logging.progress)
+
+def noise_range(cfg: Config) -> cosim.NoiseRange:
+    return cosim.NoiseRange(sigma_min=cfg.schedule.sigma_min, sigma_max=cfg.schedule.sigma_max, rho=cfg.schedule.rho)
+
+def new_network(cfg: Config) -> torch.nn.Module:
+    m = cfg.model
+    return build_network(m.arch, img_resolution=m.resolution, img_channels=m.channels, label_dim=m.label_dim,
+                         sigma_data=m.sigma_data, **m.net)
+
+#----------------------------------------------------------------------------
+# Network files of our own: {arch, init_kwargs, state_dict}.
+
+def save_network(net: torch.nn.Module, arch: str, path: pathlib.Path) -> None:
+    tmp = path.with_suffix('.tmp')
+    torch.save({'arch': arch, 'init_kwargs': net.init_kwargs, 'state_dict': net.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+def load_network_file(path: pathlib.Path) -> torch.nn.Module:
+    data = torch.load(path, map_location='cpu', weights_only=True)
+    net = build_network(data['arch'], **data['init_kwargs'])
+    net.load_state_dict(data['state_dict'])
+    return net.eval().requires_grad_(False)
+
+#----------------------------------------------------------------------------
+# Teacher: an official checkpoint (model.teacher) or the toy teacher, pretrained once and cached.
+
+def toy_teacher_path(cfg: Config) -> pathlib.Path:
+    key = config_hash(cfg.model)[:6] + config_hash(cfg.data.gmm)[:6] + config_hash(cfg.pretrain)[:6]
+    return pathlib.Path(cfg.run.root) / '_cache' / f'toy-teacher-{key}.pt'
+
+def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> torch.nn.Module:
+    if cfg.model.teacher is not None:
+        from .teacher_io import load_network
+        return load_network(cfg.model.teacher).to(device)
+    if cfg.model.arch != 'toy' or cfg.data.kind != 'gmm':
+        raise ConfigError(f'model.teacher is not set for model.arch={cfg.model.arch!r}: download the official '
+                          f'checkpoint and pass model.teacher=PATH (or s3://...)')
+    path = toy_teacher_path(cfg)
+    if path.is_file() and not retrain:
+        log.info(f'reusing cached toy teacher {path}')
+        return load_network_file(path).to(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)
+    net = new_network(cfg).to(device)
+    stream = make_stream(cfg, cfg.pretrain.batch, seed=cfg.run.seed + 1)
+    teacher = pretrain_teacher(net, stream, cfg.pretrain, cfg.model.sigma_data, cfg.run.seed, make_logger(cfg, 'pretrain'))
+    save_network(teacher, cfg.model.arch, path)
+    log.info(f'toy teacher saved to {path}')
+    return teacher
+
+#----------------------------------------------------------------------------
+# Distillation (Eq. L1).
+
+def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device) -> Trainer:
+    t = cfg.train
+    G = build_network(cfg.model.arch, **teacher.init_kwargs).to(device)
+    G.load_state_dict(teacher.state_dict())
+    G.requires_grad_(True)
+    aux = make_auxiliary(G, cfg.aux.t_embed).requires_grad_(True)
+    betas = (t.beta1, t.beta2)
+    s = cfg.schedule
+    schedule = cosim.TimeSchedule(ratio=s.ratio, r_lo=s.r_lo, sigma_s_max=s.sigma_s_max, noise=noise_range(cfg))
+    return Trainer(teacher=teacher, g_engine=TorchEngine(G, t.lr_g, betas, t.eps),
+                   aux_engine=TorchEngine(aux, t.lr_aux, betas, t.eps), data=make_stream(cfg, t.batch, cfg.run.seed + 2),
+                   schedule=schedule, train=t, loss=cfg.loss, kernel=cfg.kernel, sigma_data=cfg.model.sigma_data,
+                   seed=cfg.run.seed, logger=make_logger(cfg, 'train'),
+                   checkpointer=LocalCheckpointer(cfg.run_dir / 'checkpoints'), checkpoint_kimg=t.checkpoint_kimg,
+                   batch_gpu=t.batch_gpu)
+
+def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Train (or resume) the generator; returns its EMA, also saved as <run_dir>/generator.pt."""
+    trainer = build_trainer(cfg, teacher, device)
+    trainer.train()
+    save_network(trainer.ema, cfg.model.arch, cfg.run_dir / 'generator.pt')
+    return trainer.ema
+
+#----------------------------------------------------------------------------
+# Toy evaluation: Frechet distance to the exact ground-truth moments.
+
+def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, device: torch.device) -> list[dict]:
+    world, e, noise = make_world(cfg), cfg.eval, noise_range(cfg)
+    shape, label_dim = world.shape, cfg.model.label_dim
+    ref_mu, ref_sigma = (m.numpy() for m in world.moments())
+    seeds = range(e.seed, e.seed + e.num_samples)
+    specs = [heun_spec(teacher, e.heun_steps, noise)] + [cosim_spec(G, K, noise, e.grid_scale) for K in e.steps]
+    logger = make_logger(cfg, 'eval')
+    logger.start(e.num_samples * (len(specs) + 1), 0, 'evaluate')
+    rows = []
+    exact = exact_moments(world, e.num_samples, e.seed, e.batch)
+    logger.advance(e.num_samples)
+    rows.append({'name': 'exact samples (noise floor)', 'nfe': 0, 'frechet_distance': frechet_to_reference(exact, ref_mu, ref_sigma)})
+    for spec in specs:
+        acc = sampler_moments(spec, seeds, shape, label_dim, e.batch, device, logger.advance)
+        rows.append({'name': spec.name, 'nfe': spec.nfe, 'frechet_distance': frechet_to_reference(acc, ref_mu, ref_sigma)})
+        logger.scalars(0, {f'eval/{spec.name}': rows[-1]['frechet_distance']})
+    logger.close()
+    write_results(rows, cfg.run_dir / 'eval.json')
+    _write_sample_grid(cfg, world, specs, device)
+    return rows
+
+def exact_moments(world: GMMWorld, n: int, seed: int, batch: int) -> MomentAccumulator:
+    """Moments of n exact samples: the Frechet distance they reach is the finite-sample noise floor."""
+    acc, gen = MomentAccumulator(world.dim), torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch):
+        acc.update(world.sample(min(batch, n - start), gen)[0].flatten(1))
+    return acc
+
+def _write_sample_grid(cfg: Config, world: GMMWorld, specs, device: torch.device, cols: int = 20) -> None:
+    """samples.png: one row per sampler (ground truth first), the same seeds and labels in every row."""
+    z, c, _ = seeded_inputs(range(cols), world.shape, cfg.model.label_dim, 0, device)
+    rows = [world.sample(cols, torch.Generator().manual_seed(0), labels=c.argmax(1).cpu())[0].to(device)]
+    for spec in specs:
+        _, _, noise = seeded_inputs(range(cols), world.shape, cfg.model.label_dim, spec.extra_draws, device)
+        rows.append(spec.fn(z, c, noise))
+    save_image_grid(torch.cat(rows), cfg.run_dir / 'samples.png', rows=len(rows))
+
+#----------------------------------------------------------------------------
+
+def run(cfg: Config) -> list[dict] | None:
+    """Execute cfg.task in this process; returns the evaluation rows when the task evaluates."""
+    run_dir = prepare_run_dir(cfg)
+    device = resolve_device(cfg.run.device)
+    log.info(f'task={cfg.task} run_dir={run_dir} device={device}')
+    t0 = time.time()
+    if cfg.task == 'pretrain':
+        get_teacher(cfg, device, retrain=True)
+        return None
+    teacher = get_teacher(cfg, device)
+    if cfg.task in ('train', 'default'):
+        G = distil(cfg, teacher, device)
+    else:
+        G = load_network_file(run_dir / 'generator.pt').to(device)
+    rows = None
+    if cfg.task in ('eval', 'default'):
+        rows = evaluate_toy(cfg, teacher, G, device)
+        print(format_table(rows))
+        log.info(f'results in {run_dir / "eval.json"}, samples in {run_dir / "samples.png"}')
+    log.info(f'done in {time.time() - t0:.0f} s')
+    return rows

@@ -1,0 +1,128 @@
+"""The toy world: a class-conditional Gaussian mixture of images with an exact sampler, a closed-form
+denoiser E[x0 | x_sigma, c] and exact first and second moments (the ground truth of the embedded run)."""
+
+import dataclasses
+import math
+
+import torch
+
+#----------------------------------------------------------------------------
+# Each class c owns `components` Gaussians N(mu_k, Sigma_k) with equal weights, where
+#   Sigma_k = Q_k diag(a_k^2) Q_k^T + eps^2 I,  Q_k an orthonormal [D, rank] basis of smooth patterns.
+# Classes are uniform. Everything is computed in float64 on the CPU.
+
+@dataclasses.dataclass(kw_only=True)
+class GMMConfig:
+    classes: int = 10           # number of classes (labels 0..classes-1)
+    components: int = 3         # Gaussian components per class
+    rank: int = 4               # rank of each component's structured variation
+    resolution: int = 16        # image height = width
+    channels: int = 3           # image channels
+    template_std: float = 0.35  # std of the smooth class templates (pixels live in about [-1, 1])
+    offset_std: float = 0.2     # std of each component's offset from its class template
+    variation_std: float = 0.25 # scale of the low-rank variation a_k
+    noise_std: float = 0.03     # isotropic std eps that makes every covariance full rank
+    seed: int = 0               # seed of the world itself (templates and bases)
+
+    def __post_init__(self) -> None:
+        for key in ('classes', 'components', 'rank', 'resolution', 'channels'):
+            if getattr(self, key) < 1:
+                raise ValueError(f'data.gmm.{key}={getattr(self, key)} must be >= 1')
+        if self.noise_std <= 0:
+            raise ValueError(f'data.gmm.noise_std={self.noise_std} must be > 0 (it keeps covariances full rank)')
+
+def _smooth_patterns(n: int, channels: int, res: int, gen: torch.Generator) -> torch.Tensor:
+    """n random smooth images [n, C*res*res]: bicubic upsampling of 4x4 noise, unit RMS."""
+    coarse = torch.randn(n, channels, 4, 4, generator=gen, dtype=torch.float64)
+    fine = torch.nn.functional.interpolate(coarse, size=(res, res), mode='bicubic', align_corners=False)
+    fine = fine.flatten(1)
+    return fine / fine.pow(2).mean(dim=1, keepdim=True).sqrt()
+
+class GMMWorld:
+    """Exact class-conditional Gaussian-mixture image distribution."""
+
+    def __init__(self, cfg: GMMConfig) -> None:
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        C, R, K = cfg.classes, cfg.components, cfg.rank
+        self.shape = (cfg.channels, cfg.resolution, cfg.resolution)
+        self.dim = math.prod(self.shape)
+        templates = _smooth_patterns(C, cfg.channels, cfg.resolution, gen) * cfg.template_std
+        offsets = _smooth_patterns(C * R, cfg.channels, cfg.resolution, gen) * cfg.offset_std
+        self.mu = (templates.repeat_interleave(R, dim=0) + offsets)                     # [C*R, D]
+        bases = _smooth_patterns(C * R * K, cfg.channels, cfg.resolution, gen).reshape(C * R, K, self.dim)
+        self.Q = torch.linalg.qr(bases.transpose(1, 2)).Q                               # [C*R, D, K]
+        self.a = cfg.variation_std * torch.linspace(1.0, 0.5, K, dtype=torch.float64).expand(C * R, K).clone()
+        self.eps2 = cfg.noise_std ** 2
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.classes
+
+    def _component_of(self, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        pick = torch.randint(self.cfg.components, labels.shape, generator=gen)
+        return labels * self.cfg.components + pick
+
+    def sample(self, n: int, gen: torch.Generator, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact samples: (x0 float32 [n, C, H, W], labels int64 [n]); labels uniform unless given."""
+        if labels is None:
+            labels = torch.randint(self.cfg.classes, (n,), generator=gen)
+        k = self._component_of(labels, gen)
+        z = torch.randn(n, self.cfg.rank, generator=gen, dtype=torch.float64)
+        e = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
+        x = self.mu[k] + torch.einsum('ndr,nr->nd', self.Q[k], self.a[k] * z) + math.sqrt(self.eps2) * e
+        return x.reshape(n, *self.shape).float(), labels
+
+    #------------------------------------------------------------------------
+    # Closed-form posterior mean. For x = x0 + sigma*n and one component,
+    #   E[x0 | x, k] = mu + Q diag((a^2 + eps^2) / (a^2 + v)) Q^T r + eps^2 / v (r - Q Q^T r),  r = x - mu, v = eps^2 + sigma^2,
+    # and the component posterior is p(k | x, c) ~ N(x; mu_k, Sigma_k + sigma^2 I) over the components of class c.
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor) -> torch.Tensor:
+        """Exact E[x0 | x_sigma = x, c] for x [n, C, H, W], sigma scalar or [n], labels int64 [n]."""
+        n = x.shape[0]
+        xf = x.reshape(n, 1, self.dim).to(torch.float64)
+        sigma2 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(n).reshape(n, 1)
+        ks = labels.reshape(n, 1) * self.cfg.components + torch.arange(self.cfg.components)    # [n, R]
+        Q, a2, mu = self.Q[ks], self.a[ks] ** 2, self.mu[ks]                                     # [n,R,D,K], [n,R,K], [n,R,D]
+        v = (self.eps2 + sigma2 ** 2).unsqueeze(-1)                                              # [n,1,1]
+        r = xf - mu                                                                              # [n,R,D]
+        proj = torch.einsum('nrdk,nrd->nrk', Q, r)                                               # [n,R,K]
+        perp2 = r.pow(2).sum(-1) - proj.pow(2).sum(-1)                                           # [n,R]
+        lam = a2 + v                                                                             # [n,R,K]
+        logp = -0.5 * ((proj ** 2 / lam).sum(-1) + perp2 / v[..., 0] + lam.log().sum(-1)
+                       + (self.dim - self.cfg.rank) * v[..., 0].log())
+        w = torch.softmax(logp, dim=1)                                                           # [n,R]
+        post = mu + torch.einsum('nrdk,nrk->nrd', Q, proj * ((a2 + self.eps2) / lam - self.eps2 / v)) + (self.eps2 / v) * r
+        return (w.unsqueeze(-1) * post).sum(1).reshape(x.shape).to(x.dtype)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact mean [D] and covariance [D, D] of x0 over the label-marginal mixture (float64)."""
+        mean = self.mu.mean(0)
+        second = torch.einsum('ndk,nk,nek->de', self.Q, self.a ** 2, self.Q) / len(self.mu)
+        second += torch.eye(self.dim, dtype=torch.float64) * self.eps2 + self.mu.T @ self.mu / len(self.mu)
+        return mean, second - torch.outer(mean, mean)
+
+#----------------------------------------------------------------------------
+# The toy world as a data stream: sample i of the global stream is drawn from a generator seeded by
+# (seed, i // batch), so the whole state is the number of samples consumed and resume is exact.
+
+class GMMStream:
+    """Batches (x0 [B, C, H, W], one-hot labels [B, classes]) of exact samples for one rank."""
+
+    def __init__(self, world: GMMWorld, batch_per_rank: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.world, self.batch, self.seed, self.rank, self.world_size = world, batch_per_rank, seed, rank, world_size
+        self.consumed = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.consumed // (self.batch * self.world_size)
+        gen = torch.Generator().manual_seed(hash((self.seed, step, self.rank)) & 0x7fff_ffff_ffff)
+        x0, labels = self.world.sample(self.batch, gen)
+        self.consumed += self.batch * self.world_size
+        return x0, torch.nn.functional.one_hot(labels, self.world.num_classes).float()
+
+    def state_dict(self) -> dict:
+        return {'version': 1, 'consumed': self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state['consumed'])
