@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from launchers.local import launch_local
         launch_local(cfg)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

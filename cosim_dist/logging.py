@@ -76,7 +76,8 @@ class RunLogger:
 #----------------------------------------------------------------------------
 
 def save_image_grid(images: torch.Tensor, path: pathlib.Path, rows: int) -> None:
-    """Write images [N, C, H, W] in [-1, 1] as one PNG grid with `rows` rows."""
+    """Write images [N, C, H, W] in [-1, 1] as one PNG grid with `rows` rows; small images are enlarged
+    (nearest neighbour) to at least 64 pixels so that the grid is readable."""
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     n, c, h, w = x.shape
     cols = -(-n // rows)
@@ -84,4 +85,6 @@ def save_image_grid(images: torch.Tensor, path: pathlib.Path, rows: int) -> None
     for i in range(n):
         r, k = divmod(i, cols)
         canvas[r * h:(r + 1) * h, k * w:(k + 1) * w] = x[i].transpose(1, 2, 0)
+    scale = max(1, 64 // max(h, w))
+    canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
     Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas[..., :3]).save(path)

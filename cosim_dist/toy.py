@@ -70,7 +70,10 @@ class GMMWorld:
         k = self._component_of(labels, gen)
         z = torch.randn(n, self.cfg.rank, generator=gen, dtype=torch.float64)
         e = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
-        x = self.mu[k] + torch.einsum('ndr,nr->nd', self.Q[k], self.a[k] * z) + math.sqrt(self.eps2) * e
+        x = self.mu[k] + math.sqrt(self.eps2) * e
+        for comp in k.unique().tolist():                   # per component: avoids gathering [n, D, rank] bases
+            rows = (k == comp).nonzero().flatten()
+            x[rows] += (self.a[comp] * z[rows]) @ self.Q[comp].T
         return x.reshape(n, *self.shape).float(), labels
 
     #------------------------------------------------------------------------

@@ -1,0 +1,238 @@
+"""Object storage behind one small protocol: local directories (plain paths or `file://`) and S3 (`s3://bucket/prefix`
+on AWS or any S3-compatible endpoint: SeaweedFS, MinIO, Ceph RGW, R2, GCS interop).
+
+A store is rooted at a URL and addressed by '/'-separated keys relative to that root. Every write is atomic per key
+(local: a temporary file renamed into place; S3: a single PUT or a completed multipart upload), and reading a missing
+key raises FileNotFoundError on both backends. Local keys whose last component starts with '.' are reserved for
+temporaries and never listed.
+
+S3 credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, instance roles).
+The endpoint is `StorageConfig.endpoint_url`, else the first of the environment variables AWS_ENDPOINT_URL_S3,
+AWS_ENDPOINT_URL, S3_ENDPOINT_URL, else AWS itself. S3 clients are created lazily per process, so stores can be
+pickled into DataLoader workers and forked processes.
+"""
+
+import dataclasses
+import io
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Callable
+from typing import BinaryIO, Protocol
+
+ENDPOINT_ENV = ('AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'S3_ENDPOINT_URL')
+
+#----------------------------------------------------------------------------
+# Configuration.
+
+@dataclasses.dataclass(kw_only=True)
+class StorageConfig:
+    endpoint_url: str | None = None # S3 endpoint, e.g. http://127.0.0.1:8333; None: the first of ENDPOINT_ENV set, else AWS
+    region: str | None = None       # S3 region; None: boto3's default chain ($AWS_REGION, profile), 'us-east-1' if unset
+    max_attempts: int = 10          # attempts per S3 request, with boto3's adaptive retry mode (backoff + client-side rate limiting)
+    multipart_mb: int = 64          # objects larger than this are transferred in parts of this size (S3 minimum: 5)
+    max_concurrency: int = 8        # threads per multipart transfer
+    cache_dir: str | None = None    # where fetch_to_local keeps S3 downloads; None: $COSIM_CACHE, else ~/.cache/cosim_dist
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f'storage.max_attempts={self.max_attempts} must be >= 1')
+        if self.multipart_mb < 5:
+            raise ValueError(f'storage.multipart_mb={self.multipart_mb} must be >= 5 (the S3 minimum part size)')
+        if self.max_concurrency < 1:
+            raise ValueError(f'storage.max_concurrency={self.max_concurrency} must be >= 1')
+
+    def resolved_endpoint(self) -> str | None:
+        """The S3 endpoint URL in effect (None: AWS)."""
+        return self.endpoint_url or next((os.environ[k] for k in ENDPOINT_ENV if os.environ.get(k)), None)
+
+#----------------------------------------------------------------------------
+# The protocol.
+
+class ObjectStore(Protocol):
+    url: str # the root, e.g. '/data/in512' or 's3://bucket/datasets/in512'
+
+    def put_file(self, path: str | os.PathLike, key: str) -> None: ...     # upload a local file
+    def put_bytes(self, data: bytes, key: str) -> None: ...                 # store bytes
+    def get_file(self, key: str, path: str | os.PathLike) -> None: ...     # download to a local path (atomic)
+    def read(self, key: str) -> bytes: ...                                  # whole object in memory
+    def open(self, key: str) -> BinaryIO: ...                               # streaming read; close it after use
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = '') -> list[str]: ...                      # sorted keys starting with prefix
+    def delete(self, key: str) -> None: ...                                 # no error if missing
+
+def open_store(url: str | os.PathLike, cfg: StorageConfig | None = None) -> ObjectStore:
+    """The store rooted at `url`: a local path, `file:///abs/path` or `s3://bucket[/prefix]`."""
+    url = os.fspath(url)
+    if url.startswith('s3://'):
+        return S3Store(url, cfg or StorageConfig())
+    if url.startswith('file://'):
+        return LocalStore(url.removeprefix('file://'))
+    if '://' in url:
+        raise ValueError(f'{url!r}: unsupported URL scheme; use a local path, file:///abs/path or s3://bucket/prefix')
+    return LocalStore(url)
+
+def _atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+    """Create `path` by writing a hidden temporary next to it and renaming it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+#----------------------------------------------------------------------------
+# Local directories.
+
+class LocalStore:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = pathlib.Path(root).expanduser().absolute()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> pathlib.Path:
+        return self.root / key
+
+    def put_file(self, path: str | os.PathLike, key: str) -> None:
+        _atomic(self._path(key), lambda tmp: shutil.copyfile(path, tmp))
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        _atomic(self._path(key), lambda tmp: tmp.write_bytes(data))
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        _atomic(pathlib.Path(path), lambda tmp: shutil.copyfile(self._path(key), tmp))
+
+    def read(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self._path(key), 'rb')
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = '') -> list[str]:
+        if not self.root.is_dir():
+            return []
+        keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob('*') if p.is_file() and not p.name.startswith('.'))
+        return sorted(k for k in keys if k.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+#----------------------------------------------------------------------------
+# S3 through boto3.
+
+def _is_missing(err: Exception) -> bool:
+    return getattr(err, 'response', {}).get('Error', {}).get('Code') in ('404', 'NoSuchKey', 'NotFound')
+
+class S3Store:
+    def __init__(self, url: str, cfg: StorageConfig) -> None:
+        bucket, _, prefix = url.removeprefix('s3://').partition('/')
+        if not bucket:
+            raise ValueError(f'{url!r}: an S3 URL needs a bucket, e.g. s3://bucket/prefix')
+        self.bucket, self.prefix, self.cfg = bucket, prefix.strip('/'), cfg
+        self.url = f's3://{bucket}/{self.prefix}'.rstrip('/')
+        self._client, self._pid = None, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, '_client': None, '_pid': None} # boto3 clients are neither picklable nor fork-safe
+
+    @property
+    def client(self):
+        if self._client is None or self._pid != os.getpid():
+            import boto3
+            from botocore.config import Config
+            retries = {'mode': 'adaptive', 'max_attempts': self.cfg.max_attempts}
+            self._client = boto3.session.Session().client('s3', endpoint_url=self.cfg.resolved_endpoint(),
+                region_name=self.cfg.region, config=Config(retries=retries))
+            self._pid = os.getpid()
+        return self._client
+
+    @property
+    def transfer(self):
+        from boto3.s3.transfer import TransferConfig
+        part = self.cfg.multipart_mb << 20
+        return TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.cfg.max_concurrency)
+
+    def _key(self, key: str) -> str:
+        return f'{self.prefix}/{key}' if self.prefix else key
+
+    def _missing(self, key: str) -> FileNotFoundError:
+        return FileNotFoundError(f'{self.url}/{key} does not exist (endpoint {self.cfg.resolved_endpoint() or "AWS"})')
+
+    def put_file(self, path: str | os.PathLike, key: str) -> None:
+        self.client.upload_file(os.fspath(path), self.bucket, self._key(key), Config=self.transfer)
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer)
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        import botocore.exceptions
+        try:
+            _atomic(pathlib.Path(path), lambda tmp: self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer))
+        except botocore.exceptions.ClientError as e:
+            raise (self._missing(key) if _is_missing(e) else e) from e
+
+    def read(self, key: str) -> bytes:
+        import botocore.exceptions
+        buf = io.BytesIO() # download_fileobj retries broken streams and fetches large objects in parallel ranges
+        try:
+            self.client.download_fileobj(self.bucket, self._key(key), buf, Config=self.transfer)
+        except botocore.exceptions.ClientError as e:
+            raise (self._missing(key) if _is_missing(e) else e) from e
+        return buf.getvalue()
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))['Body']
+        except self.client.exceptions.NoSuchKey as e:
+            raise self._missing(key) from e
+
+    def head(self, key: str) -> dict:
+        """The object's metadata (ContentLength, ETag, ...)."""
+        import botocore.exceptions
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except botocore.exceptions.ClientError as e:
+            raise (self._missing(key) if _is_missing(e) else e) from e
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str = '') -> list[str]:
+        root = f'{self.prefix}/' if self.prefix else ''
+        pages = self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=root + prefix)
+        return sorted(obj['Key'][len(root):] for page in pages for obj in page.get('Contents', []))
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+#----------------------------------------------------------------------------
+# Local copies of remote files (teacher pickles, reference statistics).
+
+def fetch_to_local(url: str | os.PathLike, cfg: StorageConfig | None = None) -> pathlib.Path:
+    """A local path holding the file at `url`. Local paths are returned as they are; `s3://` objects are downloaded
+    once into the cache (`cfg.cache_dir`) and downloaded again only when the remote ETag or size changes."""
+    url, cfg = os.fspath(url), cfg or StorageConfig()
+    if not url.startswith('s3://'):
+        path = pathlib.Path(url.removeprefix('file://')).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f'{url} does not exist')
+        return path
+    bucket, _, key = url.removeprefix('s3://').partition('/')
+    store = S3Store(f's3://{bucket}', cfg)
+    head = store.head(key)
+    cache = pathlib.Path(cfg.cache_dir or os.environ.get('COSIM_CACHE') or '~/.cache/cosim_dist').expanduser()
+    path = cache / 's3' / bucket / key
+    stamp = path.with_name(f'.{path.name}.etag') # the ETag of the cached copy
+    if path.is_file() and path.stat().st_size == head['ContentLength'] and stamp.is_file() and stamp.read_text() == head['ETag']:
+        return path
+    store.get_file(key, path)
+    _atomic(stamp, lambda tmp: tmp.write_text(head['ETag']))
+    return path

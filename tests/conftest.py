@@ -1,0 +1,34 @@
+"""Shared pytest fixtures."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+def load_helper(relpath: str):
+    """Import a helper module of tests/ by path (tests/ is not a package: pytest runs with --import-mode=importlib, and an
+    unrelated `tests` package may be installed in site-packages)."""
+    path = pathlib.Path(__file__).parent / relpath
+    name = f'_cosim_tests_{path.stem}'
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+#----------------------------------------------------------------------------
+# A real S3 endpoint on 127.0.0.1 (SeaweedFS), one per test session.
+
+@pytest.fixture(scope='session')
+def s3_endpoint(tmp_path_factory):
+    """S3Endpoint (endpoint_url, access_key, secret_key, bucket) of a SeaweedFS server running for the session."""
+    with load_helper('services/seaweedfs.py').serve(tmp_path_factory.mktemp('seaweedfs')) as ep:
+        yield ep
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """s3_endpoint, with AWS_* environment variables pointing boto3 at it for the duration of the test."""
+    for key, value in s3_endpoint.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_endpoint

@@ -1,0 +1,149 @@
+"""The CoSIM math against closed forms on Gaussian data (Eqs. T1, K1, A1, G1, S1)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cosim_dist import cosim
+
+#----------------------------------------------------------------------------
+# A Gaussian world: x0 ~ N(0, s0^2 I) in d dims. The teacher is the exact denoiser, the generator is
+# linear, G(x_t) = a x_t, so the model marginal q_a(x_s; t) = N(0, (v_a + sigma_s^2) I), v_a = a^2 (s0^2 + sigma_t^2).
+
+S0, D = 0.5, 4
+
+def teacher(x, sigma, labels=None):
+    return S0 ** 2 / (S0 ** 2 + cosim._bcast(torch.as_tensor(sigma)) ** 2) * x
+
+def model_var(a, sigma_t):
+    return a ** 2 * (S0 ** 2 + sigma_t ** 2)
+
+def fisher_divergence(a, sigma_s, sigma_t):
+    """Closed-form E_{q_a} |S_phi - grad log q_a|^2 with both scores linear: -x / variance."""
+    var_q = model_var(a, sigma_t) + sigma_s ** 2
+    return D * var_q * (1 / (S0 ** 2 + sigma_s ** 2) - 1 / var_q) ** 2
+
+def kernel_batch(a, n, sigma_s, sigma_t, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, D, 1, 1, generator=gen, dtype=torch.float64) * S0
+    s, t = torch.full((n,), sigma_s, dtype=torch.float64), torch.full((n,), sigma_t, dtype=torch.float64)
+    return cosim.transition_kernel(lambda x, sig, c: a * x, x0, None, s, t, gen=gen), s
+
+@pytest.mark.parametrize('lmbda', [0.0, 1.0, 3.0])
+def test_aux_minimiser_is_blended_target(lmbda):
+    a, sigma_s, sigma_t = 0.7, 0.4, 1.3
+    ks, s = kernel_batch(a, 400_000, sigma_s, sigma_t, seed=1)
+    c = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    loss = cosim.aux_loss(c * ks.x_s, ks.target, teacher(ks.x_s, s), s, lmbda, sigma_data=0.5)
+    g, = torch.autograd.grad(loss, c, create_graph=True)
+    h, = torch.autograd.grad(g, c)
+    c_star = (c - g / h).item()                                   # exact minimiser: the loss is quadratic in c
+    v = model_var(a, sigma_t)
+    model_posterior = v / (v + sigma_s ** 2)                      # E[x0_hat | x_s] = model_posterior * x_s
+    teacher_coef = S0 ** 2 / (S0 ** 2 + sigma_s ** 2)
+    expected = (model_posterior + lmbda * teacher_coef) / (1 + lmbda)
+    assert c_star == pytest.approx(expected, abs=3e-3)
+
+@pytest.mark.parametrize('lmbda', [0.0, 1.0])
+def test_generator_gradient_is_scaled_fisher_divergence(lmbda):
+    a0, sigma_s, sigma_t = 0.8, 0.6, 1.0
+    v = model_var(a0, sigma_t)
+    c_star = (v / (v + sigma_s ** 2) + lmbda * S0 ** 2 / (S0 ** 2 + sigma_s ** 2)) / (1 + lmbda)
+    a = torch.tensor(a0, dtype=torch.float64, requires_grad=True)
+    n = 1_000_000
+    ks, s = kernel_batch(a, n, sigma_s, sigma_t, seed=2)
+    loss = cosim.generator_loss(ks.target, teacher(ks.x_s, s), c_star * ks.x_s, cosim.generator_alpha(lmbda),
+                                weight=torch.ones(n, dtype=torch.float64))
+    grad_mc, = torch.autograd.grad(loss, a)
+    a_cf = torch.tensor(a0, dtype=torch.float64, requires_grad=True)
+    fd = fisher_divergence(a_cf, sigma_s, sigma_t) / (1 + lmbda)
+    grad_cf, = torch.autograd.grad(sigma_s ** 4 / 2 * fd, a_cf)   # L_gen = sigma_s^4 / 2 * (FD / (1 + lambda)) at psi*
+    assert grad_mc.item() == pytest.approx(grad_cf.item(), rel=0.03)
+
+def test_generator_weight_is_stop_gradient_normaliser():
+    torch.manual_seed(0)
+    target, D_phi, D_psi = torch.randn(3, 5, 2, 4, 4).unbind()
+    w = 7.0 / (target - D_phi).abs().flatten(1).mean(1)
+    manual = (w * ((D_phi - D_psi) * ((D_phi - target) - 1.2 * (D_phi - D_psi))).flatten(1).sum(1)).mean()
+    assert cosim.generator_loss(target, D_phi, D_psi, 1.2, gen_scale=7.0).item() == pytest.approx(manual.item(), rel=1e-6)
+    assert cosim.generator_alpha(1.0) == 1.0 and cosim.generator_alpha(1.4) == pytest.approx(1.2)
+    assert cosim.generator_alpha(1.0, alpha=1.2) == 1.2
+
+#----------------------------------------------------------------------------
+# Eq. T1.
+
+@pytest.mark.parametrize('R', [1.0, 8.0])
+def test_time_schedule_support_order_and_moments(R):
+    sched = cosim.TimeSchedule(ratio=R, r_lo=0.2)
+    n = 200_000
+    s, t = sched.sample(n, torch.Generator().manual_seed(0))
+    noise = sched.noise
+    assert (s >= noise.sigma_min * (1 - 1e-6)).all() and (t <= noise.sigma_max * (1 + 1e-6)).all()
+    assert (s < t).all()
+    r_t, r_s = noise.r(t.double()), noise.r(s.double())
+    g = 1 - r_s / r_t
+    assert r_t.min() >= 0.2 - 1e-6
+    assert r_t.mean().item() == pytest.approx(0.6, abs=3e-3)                 # U(0.2, 1)
+    assert r_t.var().item() == pytest.approx(0.8 ** 2 / 12, abs=3e-3)
+    assert g.mean().item() == pytest.approx(R / (R + 1), abs=3e-3)           # Beta(R, 1)
+    assert g.var().item() == pytest.approx(R / ((R + 1) ** 2 * (R + 2)), abs=3e-3)
+    assert r_s.mean().item() == pytest.approx(0.6 / (R + 1), abs=3e-3)
+
+def test_time_schedule_cap_and_bad_ratio():
+    s, _ = cosim.TimeSchedule(ratio=1.0, sigma_s_max=1.5).sample(10_000, torch.Generator().manual_seed(0))
+    assert s.max() <= 1.5
+    with pytest.raises(ValueError, match='schedule.ratio'):
+        cosim.TimeSchedule(ratio=0)
+
+#----------------------------------------------------------------------------
+# Eq. K1 with eta < 1: the conditional target keeps the score identity d_c = x_s + sigma_s^2 grad log q(x_s | x_t).
+
+def test_kernel_eta_target():
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 3, 4, 4, generator=gen)
+    s, t = torch.full((8,), 0.5), torch.full((8,), 2.0)
+    G = lambda x, sig, c: 0.5 * x
+    ks = cosim.transition_kernel(G, x0, None, s, t, eta=0.6, gen=gen)
+    mean = ks.x0_hat + 0.5 * math.sqrt(1 - 0.36) * (ks.x_t - ks.x0_hat) / 2.0
+    score = -(ks.x_s - mean) / (0.6 * 0.5) ** 2
+    torch.testing.assert_close(ks.target, ks.x_s + 0.25 * score)
+    ks1 = cosim.transition_kernel(G, x0, None, s, t, eta=1.0, gen=gen)
+    torch.testing.assert_close(ks1.target, ks1.x0_hat)
+
+#----------------------------------------------------------------------------
+# Eq. S1 and the Heun sampler.
+
+def test_default_sampler_grids():
+    noise = cosim.NoiseRange()
+    np.testing.assert_allclose(cosim.default_grid(1, noise), [80.0])
+    np.testing.assert_allclose(cosim.default_grid(2, noise), [80.0, 2.515], atol=5e-4)
+    np.testing.assert_allclose(cosim.default_grid(4, noise), [80.0, 17.53, 2.515, 0.170], atol=5e-3)
+    assert abs(cosim.default_grid(4, noise)[3] - 0.170) < 5e-4
+    assert cosim.default_grid(4, noise, scale=2.0)[2] == pytest.approx(2 * 2.515, abs=1e-3)
+
+def test_cosim_sampler_uses_grid_and_noise():
+    calls = []
+
+    def G(x, sigma, c):
+        calls.append(sigma[0].item())
+        return torch.zeros_like(x)
+
+    z = torch.ones(2, 1, 2, 2)
+    noise = [torch.full_like(z, 3.0)]
+    out = cosim.cosim_sample(G, z, None, [80.0, 2.5], noise)
+    assert calls == [80.0, 2.5] and torch.equal(out, torch.zeros_like(z))
+
+def test_heun_sampler_on_gaussian_reaches_data_variance():
+    z = torch.randn(20_000, D, 1, 1, generator=torch.Generator().manual_seed(0))
+    x = cosim.heun_sample(teacher, z, None, num_steps=64)    # the ODE maps N(0, 80^2) to N(0, S0^2) exactly
+    assert x.std().item() == pytest.approx(S0 * z.std().item(), rel=0.005)
+
+def test_ema_half_life():
+    assert cosim.ema_beta(batch=500, nimg=10 ** 9, halflife_kimg=0.5, rampup=None) == pytest.approx(0.5)
+    assert cosim.ema_beta(batch=100, nimg=1000, halflife_kimg=10, rampup=0.1) == pytest.approx(0.5)
+    net, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = ema.weight.detach().clone()
+    cosim.ema_update(ema, net, 0.25)
+    torch.testing.assert_close(ema.weight, 0.25 * before + 0.75 * net.weight.detach())
