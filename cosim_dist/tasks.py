@@ -95,6 +95,10 @@ def toy_teacher_path(cfg: Config) -> pathlib.Path:
 
 def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> torch.nn.Module:
     if cfg.model.teacher is not None:
+        local = cfg.model.teacher.removeprefix('file://')
+        if '://' not in local and not pathlib.Path(local).is_file():
+            raise ConfigError(f'teacher checkpoint model.teacher={cfg.model.teacher} does not exist: download the '
+                              f'official .pkl and pass its path (or an s3:// URL) as model.teacher=...')
         from .teacher_io import load_network
         return load_network(cfg.model.teacher).to(device)
     if cfg.model.arch != 'toy' or cfg.data.kind != 'gmm':

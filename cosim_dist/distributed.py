@@ -1,0 +1,87 @@
+"""Process-group discovery and set-up: torchrun variables, else a Slurm task, else a single process.
+A partially set environment is an error that lists what is missing."""
+
+import dataclasses
+import datetime
+import os
+import random
+import re
+from typing import Mapping
+
+import torch
+
+TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+SLURM_VARS = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID', 'SLURM_JOB_NODELIST', 'SLURM_JOB_ID')
+
+class DistributedEnvError(RuntimeError):
+    """The environment describes a distributed job only partially."""
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = '127.0.0.1'
+    master_port: int = 29500
+    source: str = 'single'      # torchrun | slurm | single
+
+    def export(self) -> None:
+        """Write the torchrun-style variables that `init_process_group(init_method='env://')` reads."""
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+                          MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a Slurm nodelist such as 'gpu[007-009,012],cpu1' -> 'gpu007'."""
+    m = re.match(r'([^,\[]+)(\[([^\]]+)\])?', nodelist.strip())
+    if m is None:
+        raise DistributedEnvError(f'cannot parse SLURM_JOB_NODELIST={nodelist!r}')
+    prefix, _, ranges = m.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(',')[0].split('-')[0]
+
+def _require(env: Mapping[str, str], names: tuple[str, ...], what: str) -> None:
+    missing = [k for k in names if k not in env]
+    if missing:
+        present = [k for k in names if k in env]
+        raise DistributedEnvError(f'{what} environment is partial: {", ".join(present)} set but {", ".join(missing)} '
+                                  f'missing; set all of {", ".join(names)} or none of them')
+
+def discover(env: Mapping[str, str] = os.environ) -> DistEnv:
+    """torchrun variables win (also inside a Slurm allocation), then a Slurm task (srun), then one process."""
+    if any(k in env for k in TORCHRUN_VARS):
+        _require(env, TORCHRUN_VARS, 'torchrun')
+        return DistEnv(int(env['RANK']), int(env['WORLD_SIZE']), int(env['LOCAL_RANK']), env['MASTER_ADDR'],
+                       int(env['MASTER_PORT']), 'torchrun')
+    if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
+        _require(env, SLURM_VARS, 'Slurm')
+        port = random.Random(int(env['SLURM_JOB_ID'])).randint(20000, 60000)   # same on every task of the job
+        return DistEnv(int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env['SLURM_LOCALID']),
+                       first_host(env['SLURM_JOB_NODELIST']), port, 'slurm')
+    return DistEnv()
+
+#----------------------------------------------------------------------------
+
+def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
+    """Join the process group (gloo on CPU, nccl on GPU) and return this rank's device."""
+    device = torch.device('cuda', env.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device('cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if env.world_size > 1 and not torch.distributed.is_initialized():
+        env.export()
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo', init_method='env://',
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (the step-boundary agreement for preemption)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    device = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
