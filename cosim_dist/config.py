@@ -9,6 +9,8 @@ import pathlib
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from .engines import EngineConfig, TeacherConfig
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
@@ -131,6 +133,8 @@ class Config:
     kernel: KernelConfig = dataclasses.field(default_factory=KernelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
@@ -148,7 +152,20 @@ CHOICES = {
     'aux.t_embed': ('gated', 'sum'),
     'data.kind': ('gmm', 'shards'),
     'logging.wandb': ('offline', 'online', 'disabled'),
+    'engine.backend': ('torch', 'deepspeed'),
+    'engine.zero_stage': (0, 1, 2, 3),
+    'engine.precision': ('fp32', 'bf16'),
+    'teacher.precision': ('auto', 'bf16', 'fp32'),
+    'teacher.offload': ('none', 'cpu'),
 }
+
+def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, accumulation rounds) with batch = micro-batch x world size x rounds."""
+    batch_gpu = train.batch_gpu or train.batch // world_size
+    if batch_gpu < 1 or train.batch % (batch_gpu * world_size):
+        raise ConfigError(f'train.batch={train.batch} must be a multiple of train.batch_gpu={train.batch_gpu or batch_gpu} '
+                          f'x world size {world_size}; change one of the three numbers')
+    return batch_gpu, train.batch // (batch_gpu * world_size)
 
 def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml'))
@@ -159,7 +176,8 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 def validate(cfg: Config) -> None:
-    """Check choices and cross-field constraints; raise ConfigError naming the key and the fix."""
+    """Check choices and cross-field constraints; raise ConfigError naming the key and the fix.
+    (The batch / micro-batch / world-size relation is checked at launch, see `batch_layout`.)"""
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f'{key}={_get(cfg, key)!r} is invalid; valid choices: {", ".join(map(str, allowed))}')
@@ -176,6 +194,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f'loss.lmbda={cfg.loss.lmbda} must be >= 0')
     if not 0 < cfg.kernel.eta <= 1:
         raise ConfigError(f'kernel.eta={cfg.kernel.eta} must lie in (0, 1]')
+    if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
+        raise ConfigError('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: set engine.backend=deepspeed')
     if cfg.data.kind == 'shards' and not cfg.data.path:
         raise ConfigError('data.kind=shards needs data.path=<shard directory or s3:// prefix>')
 

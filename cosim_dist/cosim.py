@@ -55,7 +55,7 @@ class TimeSchedule:
 
     def sample(self, n: int, gen: torch.Generator | None = None, device: torch.device | str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. T1: draw (sigma_s, sigma_t) [n] each, with sigma_s < sigma_t."""
-        u = torch.rand(2, n, generator=gen, dtype=torch.float64)
+        u = torch.rand(2, n, generator=gen, dtype=torch.float64, device=gen.device if gen is not None else 'cpu')
         r_t = self.r_lo + (1 - self.r_lo) * u[0]
         g = u[1] ** (1 / self.ratio)                      # inverse CDF of Beta(R, 1): F(g) = g^R
         sigma_t = self.noise.sigma(r_t)
@@ -83,15 +83,13 @@ def _bcast(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1, 1, 1, 1)
 
 def transition_kernel(G: Net, x0: torch.Tensor, labels: torch.Tensor | None, sigma_s: torch.Tensor,
-                      sigma_t: torch.Tensor, eta: float = 1.0, gen: torch.Generator | None = None) -> KernelSample:
-    """Eq. K1: forward-noise real data to sigma_t, apply the generator, re-noise to sigma_s."""
+                      sigma_t: torch.Tensor, n_t: torch.Tensor, n_s: torch.Tensor, eta: float = 1.0) -> KernelSample:
+    """Eq. K1: forward-noise real data to sigma_t with n_t, apply the generator, re-noise to sigma_s with n_s."""
     if not 0 < eta <= 1:
         raise ValueError(f'kernel.eta={eta} must lie in (0, 1]')
     s, t = _bcast(sigma_s), _bcast(sigma_t)
-    n_t = torch.randn(x0.shape, generator=gen, device=x0.device)
-    n_s = torch.randn(x0.shape, generator=gen, device=x0.device)
     x_t = x0 + t * n_t
-    x0_hat = G(x_t, sigma_t, labels)
+    x0_hat = G(x_t, sigma_t, labels).to(x0.dtype)
     mean = x0_hat if eta == 1 else x0_hat + s * math.sqrt(1 - eta ** 2) * (x_t - x0_hat) / t
     x_s = mean + s * eta * n_s
     target = mean if eta == 1 else x_s - (x_s - mean) / eta ** 2

@@ -62,20 +62,27 @@ def discover(env: Mapping[str, str] = os.environ) -> DistEnv:
 
 #----------------------------------------------------------------------------
 
-def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
-    """Join the process group (gloo on CPU, nccl on GPU) and return this rank's device."""
-    device = torch.device('cuda', env.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device('cpu')
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
+def init(env: DistEnv, device: str = 'auto', timeout_s: float = 1800) -> torch.device:
+    """Join the process group (gloo on CPU, nccl on GPU) and return this rank's device (`run.device`)."""
+    use_cuda = torch.cuda.is_available() if device == 'auto' else device == 'cuda'
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError('run.device=cuda but no CUDA device is visible; use run.device=cpu or auto')
+    dev = torch.device('cuda', env.local_rank % torch.cuda.device_count()) if use_cuda else torch.device('cpu')
+    if dev.type == 'cuda':
+        torch.cuda.set_device(dev)
     if env.world_size > 1 and not torch.distributed.is_initialized():
         env.export()
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo', init_method='env://',
+        torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
                                              timeout=datetime.timedelta(seconds=timeout_s))
-    return device
+    return dev
 
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (the step-boundary agreement for preemption)."""

@@ -1,34 +1,156 @@
-"""Training engines: a network, its optimiser and the step around them.
+"""Training engines (a network, its optimiser and the step around them) and the frozen teacher's placement.
 
-`TorchEngine` is the single-process engine (plain torch Adam). It exposes the subset of the DeepSpeed
-engine interface the trainer uses (`module`, `backward`, `step`, `state_dict`), so that DeepSpeed engines
-drop in for multi-process ZeRO training."""
+Both engine kinds expose what the trainer uses: `module`, `backward(loss)` (scaled by 1 / accumulation
+steps), `step()` (called after every micro-batch, applied at the accumulation boundary), `save(dir)`,
+`load(dir) -> client state`, and `full_parameters()` (a context in which every parameter is materialised,
+for the EMA under ZeRO-3). `TorchEngine` is one process with plain Adam; `DeepSpeedEngine` wraps
+`deepspeed.initialize` with ZeRO stage 0-3. Precision is autocast (fp32 master weights, see `autocast`)."""
+
+import contextlib
+import dataclasses
+import os
+import pathlib
 
 import torch
 
+@dataclasses.dataclass
+class EngineConfig:
+    backend: str = 'torch'           # torch (one process, plain Adam) | deepspeed (ZeRO, any number of processes)
+    zero_stage: int = 0              # DeepSpeed ZeRO stage 0-3 (generator and auxiliary)
+    precision: str = 'fp32'          # fp32 | bf16 (autocast for G and aux; master weights stay fp32)
+
+@dataclasses.dataclass
+class TeacherConfig:
+    precision: str = 'auto'          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    offload: str = 'none'            # none | cpu (ZeRO-3 inference engine with parameters in host memory)
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for forward passes, or nothing for fp32."""
+    if precision == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+def sanitize_gradients(module: torch.nn.Module) -> None:
+    """Eq. L1: gradients are nan_to_num'ed; hooks run before any accumulation or ZeRO reduction."""
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_hook(lambda g: torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5))
+
+#----------------------------------------------------------------------------
+
 class TorchEngine:
-    """One trained network with Adam; gradients are nan_to_num'ed before each step (Eq. L1)."""
+    """One process: Adam on fp32 parameters, gradient accumulation over `accum` micro-batches."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float) -> None:
-        self.module = module
+    def __init__(self, module: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, accum: int = 1) -> None:
+        self.module, self.accum, self.micro = module, accum, 0
         self.optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps)
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        return self.module(*args, **kwargs)
+        sanitize_gradients(module)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss / self.accum).backward()
 
     def step(self) -> None:
-        for p in self.module.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.micro += 1
+        if self.micro % self.accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
-        return {'module': self.module.state_dict(), 'optimizer': self.optimizer.state_dict()}
+    def full_parameters(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state['module'])
-        self.optimizer.load_state_dict(state['optimizer'])
+    def save(self, directory: pathlib.Path, client_state: dict | None = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({'module': self.module.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                    'client_state': client_state or {}}, directory / 'engine.pt')
+
+    def load(self, directory: pathlib.Path) -> dict:
+        path = directory / 'engine.pt'
+        if not path.is_file():
+            raise FileNotFoundError(f'no engine state at {path} (was the checkpoint written by engine.backend=deepspeed?)')
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+        self.module.load_state_dict(sd['module'])
+        self.optimizer.load_state_dict(sd['optimizer'])
+        return sd['client_state']
+
+#----------------------------------------------------------------------------
+
+def import_deepspeed():
+    """Import DeepSpeed, selecting its CPU accelerator when no GPU is visible."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault('DS_ACCELERATOR', 'cpu')
+    import deepspeed
+    return deepspeed
+
+def deepspeed_config(micro_batch: int, accum: int, world_size: int, zero_stage: int, optimizer: dict | None) -> dict:
+    cfg = {
+        'train_batch_size': micro_batch * accum * world_size,
+        'train_micro_batch_size_per_gpu': micro_batch,
+        'gradient_accumulation_steps': accum,
+        'zero_optimization': {'stage': zero_stage},
+        'gradient_clipping': 0.0,
+        'steps_per_print': 2 ** 62,
+    }
+    if optimizer is not None:
+        cfg['optimizer'] = optimizer
+    return cfg
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine with its own optimiser and config (one per trained network)."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, *, micro_batch: int,
+                 accum: int, world_size: int, zero_stage: int) -> None:
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f'engine.zero_stage={zero_stage} is invalid; valid choices: 0, 1, 2, 3')
+        deepspeed = import_deepspeed()
+        sanitize_gradients(module)
+        adam = {'type': 'AdamW', 'params': {'lr': lr, 'betas': list(betas), 'eps': eps, 'weight_decay': 0.0,
+                                            'torch_adam': True}}
+        self.zero_stage = zero_stage
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
+                                               config=deepspeed_config(micro_batch, accum, world_size, zero_stage, adam))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def full_parameters(self) -> contextlib.AbstractContextManager:
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def save(self, directory: pathlib.Path, client_state: dict | None = None) -> None:
+        """Collective: every rank must call it."""
+        self.engine.save_checkpoint(str(directory), tag='state', client_state=client_state or {}, save_latest=False)
+
+    def load(self, directory: pathlib.Path) -> dict:
+        path, client = self.engine.load_checkpoint(str(directory), tag='state', load_module_strict=True,
+                                                   load_optimizer_states=True)
+        if path is None:   # DeepSpeed only warns when it finds nothing: a silent fresh start would lose the run
+            raise RuntimeError(f'DeepSpeed loaded nothing from {directory}/state; the checkpoint is incomplete')
+        return client
+
+#----------------------------------------------------------------------------
+# The frozen teacher: a low-precision module, or a ZeRO-3 inference engine offloaded to host memory.
+
+def place_teacher(teacher: torch.nn.Module, cfg: TeacherConfig, device: torch.device, world_size: int) -> torch.nn.Module:
+    """Eval mode, no parameter gradients (inputs stay differentiable), in the configured precision and place."""
+    precision = cfg.precision if cfg.precision != 'auto' else ('bf16' if device.type == 'cuda' else 'fp32')
+    dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
+    teacher = teacher.eval().requires_grad_(False).to(dtype=dtype)
+    if cfg.offload == 'none':
+        return teacher.to(device)
+    if cfg.offload != 'cpu':
+        raise ValueError(f'teacher.offload={cfg.offload!r} is invalid; valid choices: none, cpu')
+    deepspeed = import_deepspeed()
+    ds = deepspeed_config(1, 1, world_size, 3, None)
+    ds['zero_optimization'].update(offload_param={'device': 'cpu', 'pin_memory': device.type == 'cuda'})
+    ds['bf16'] = {'enabled': precision == 'bf16'}
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds)
+    return engine.module.eval()

@@ -10,7 +10,7 @@ from . import cosim
 from .config import PretrainConfig
 from .logging import RunLogger
 from .nets.precond import edm_loss_weight
-from .trainer import BatchStream, step_generator
+from .trainer import BatchStream, step_seed
 
 def dsm_loss(net: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, cfg: PretrainConfig,
              sigma_data: float, gen: torch.Generator) -> torch.Tensor:
@@ -31,7 +31,7 @@ def pretrain_teacher(net: torch.nn.Module, data: BatchStream, cfg: PretrainConfi
     logger.start(total, 0, 'pretrain')
     net.train()
     while nimg < total:
-        gen = step_generator(seed, 0, nimg, device)
+        gen = torch.Generator(device).manual_seed(step_seed(seed, nimg))
         x0, c = data.next_batch()
         x0, c = x0.to(device), c.to(device)
         for group in opt.param_groups:

@@ -10,8 +10,10 @@ import torch
 
 from . import cosim
 from .checkpoint import LocalCheckpointer
-from .config import Config, ConfigError, config_hash, save_config, to_yaml
-from .engines import TorchEngine
+from .config import Config, ConfigError, batch_layout, config_hash, save_config
+from . import distributed
+from .distributed import DistEnv
+from .engines import DeepSpeedEngine, TorchEngine, place_teacher
 from .evaluate import (cosim_spec, format_table, frechet_to_reference, heun_spec, sampler_moments,
                        seeded_inputs, write_results)
 from .metrics import MomentAccumulator
@@ -39,13 +41,6 @@ def prepare_run_dir(cfg: Config) -> pathlib.Path:
     save_config(cfg, run_dir)
     return run_dir
 
-def resolve_device(name: str) -> torch.device:
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError('run.device=cuda but no CUDA device is visible; use run.device=cpu or auto')
-    return torch.device(name)
-
 def make_world(cfg: Config) -> GMMWorld:
     if cfg.data.kind != 'gmm':
         raise ConfigError(f'data.kind={cfg.data.kind!r} has no exact ground truth; the toy pipeline needs data=gmm')
@@ -54,15 +49,16 @@ def make_world(cfg: Config) -> GMMWorld:
     return GMMWorld(GMMConfig(**dataclasses.asdict(cfg.data.gmm), resolution=cfg.model.resolution,
                               channels=cfg.model.channels))
 
-def make_stream(cfg: Config, batch_per_rank: int, seed: int):
+def make_stream(cfg: Config, batch_per_rank: int, seed: int, env: DistEnv = DistEnv()):
     if cfg.data.kind == 'gmm':
-        return GMMStream(make_world(cfg), batch_per_rank, seed)
+        return GMMStream(make_world(cfg), batch_per_rank, seed, env.rank, env.world_size)
     from .data import ShardStream
-    return ShardStream(cfg.data.path, batch_size=batch_per_rank, seed=seed, num_workers=cfg.data.num_workers)
+    return ShardStream(cfg.data.path, batch_size=batch_per_rank, seed=seed, num_workers=cfg.data.num_workers,
+                       rank=env.rank, world_size=env.world_size)
 
-def make_logger(cfg: Config, name: str) -> RunLogger:
+def make_logger(cfg: Config, name: str, rank: int = 0) -> RunLogger:
     return RunLogger(cfg.run_dir, name, config=dict(groups=cfg.groups, task=cfg.task), wandb_mode=cfg.logging.wandb,
-                     project=cfg.logging.project, progress=cfg.logging.progress)
+                     project=cfg.logging.project, progress=cfg.logging.progress, rank=rank)
 
 def noise_range(cfg: Config) -> cosim.NoiseRange:
     return cosim.NoiseRange(sigma_min=cfg.schedule.sigma_min, sigma_max=cfg.schedule.sigma_max, rho=cfg.schedule.rho)
@@ -120,27 +116,42 @@ def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> tor
 #----------------------------------------------------------------------------
 # Distillation (Eq. L1).
 
-def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device) -> Trainer:
-    t = cfg.train
-    G = build_network(cfg.model.arch, **teacher.init_kwargs).to(device)
-    G.load_state_dict(teacher.state_dict())
-    G.requires_grad_(True)
-    aux = make_auxiliary(G, cfg.aux.t_embed).requires_grad_(True)
-    betas = (t.beta1, t.beta2)
-    s = cfg.schedule
-    schedule = cosim.TimeSchedule(ratio=s.ratio, r_lo=s.r_lo, sigma_s_max=s.sigma_s_max, noise=noise_range(cfg))
-    return Trainer(teacher=teacher, g_engine=TorchEngine(G, t.lr_g, betas, t.eps),
-                   aux_engine=TorchEngine(aux, t.lr_aux, betas, t.eps), data=make_stream(cfg, t.batch, cfg.run.seed + 2),
-                   schedule=schedule, train=t, loss=cfg.loss, kernel=cfg.kernel, sigma_data=cfg.model.sigma_data,
-                   seed=cfg.run.seed, logger=make_logger(cfg, 'train'),
-                   checkpointer=LocalCheckpointer(cfg.run_dir / 'checkpoints'), checkpoint_kimg=t.checkpoint_kimg,
-                   batch_gpu=t.batch_gpu)
+def make_engine(cfg: Config, net: torch.nn.Module, lr: float, env: DistEnv):
+    t, e = cfg.train, cfg.engine
+    batch_gpu, rounds = batch_layout(t, env.world_size)
+    if e.backend == 'torch':
+        if env.world_size > 1:
+            raise ConfigError(f'engine.backend=torch runs one process, but the world size is {env.world_size}: '
+                              f'use engine.backend=deepspeed')
+        return TorchEngine(net, lr, (t.beta1, t.beta2), t.eps, accum=rounds)
+    return DeepSpeedEngine(net, lr, (t.beta1, t.beta2), t.eps, micro_batch=batch_gpu, accum=rounds,
+                           world_size=env.world_size, zero_stage=e.zero_stage)
 
-def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Train (or resume) the generator; returns its EMA, also saved as <run_dir>/generator.pt."""
-    trainer = build_trainer(cfg, teacher, device)
-    trainer.train()
-    save_network(trainer.ema, cfg.model.arch, cfg.run_dir / 'generator.pt')
+def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
+                  should_stop=lambda: False) -> Trainer:
+    """Generator and auxiliary initialised from the teacher (fp32), their engines, data, schedule, checkpoints."""
+    t, s = cfg.train, cfg.schedule
+    G = build_network(cfg.model.arch, **teacher.init_kwargs)
+    G.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
+    G = G.to(device).requires_grad_(True)
+    aux = make_auxiliary(G, cfg.aux.t_embed).requires_grad_(True)
+    batch_gpu, _ = batch_layout(t, env.world_size)
+    schedule = cosim.TimeSchedule(ratio=s.ratio, r_lo=s.r_lo, sigma_s_max=s.sigma_s_max, noise=noise_range(cfg))
+    return Trainer(teacher=place_teacher(teacher, cfg.teacher, device, env.world_size),
+                   g_engine=make_engine(cfg, G, t.lr_g, env), aux_engine=make_engine(cfg, aux, t.lr_aux, env),
+                   data=make_stream(cfg, batch_gpu, cfg.run.seed + 2, env), schedule=schedule, train=t, loss=cfg.loss,
+                   kernel=cfg.kernel, sigma_data=cfg.model.sigma_data, seed=cfg.run.seed,
+                   logger=make_logger(cfg, 'train', env.rank), device=device, precision=cfg.engine.precision,
+                   checkpointer=LocalCheckpointer(cfg.run_dir / 'checkpoints', rank=env.rank), should_stop=should_stop,
+                   rank=env.rank, world_size=env.world_size, batch_gpu=batch_gpu)
+
+def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
+           should_stop=lambda: False) -> torch.nn.Module:
+    """Train (or resume) the generator; returns its EMA, also saved (rank 0) as <run_dir>/generator.pt."""
+    trainer = build_trainer(cfg, teacher, device, env, should_stop)
+    state = trainer.train()
+    if env.rank == 0 and state.nimg >= cfg.train.kimg * 1000:
+        save_network(trainer.ema, cfg.model.arch, cfg.run_dir / 'generator.pt')
     return trainer.ema
 
 #----------------------------------------------------------------------------
@@ -185,23 +196,32 @@ def _write_sample_grid(cfg: Config, world: GMMWorld, specs, device: torch.device
 
 #----------------------------------------------------------------------------
 
-def run(cfg: Config) -> list[dict] | None:
-    """Execute cfg.task in this process; returns the evaluation rows when the task evaluates."""
-    run_dir = prepare_run_dir(cfg)
-    device = resolve_device(cfg.run.device)
-    log.info(f'task={cfg.task} run_dir={run_dir} device={device}')
+def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> list[dict] | None:
+    """Execute cfg.task on this rank (all ranks call it); returns the evaluation rows on rank 0."""
+    env = env or distributed.discover()
+    try:
+        device = distributed.init(env, cfg.run.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    batch_layout(cfg.train, env.world_size)
+    run_dir = prepare_run_dir(cfg) if env.rank == 0 else cfg.run_dir
+    log.info(f'task={cfg.task} run_dir={run_dir} device={device} world_size={env.world_size}')
     t0 = time.time()
     if cfg.task == 'pretrain':
-        get_teacher(cfg, device, retrain=True)
+        if env.rank == 0:
+            get_teacher(cfg, device, retrain=True)
         return None
-    teacher = get_teacher(cfg, device)
-    if cfg.task in ('train', 'default'):
-        G = distil(cfg, teacher, device)
-    else:
-        G = load_network_file(run_dir / 'generator.pt').to(device)
+    if env.rank == 0:
+        teacher = get_teacher(cfg, device)
+    distributed.barrier()
+    if env.rank != 0:
+        teacher = get_teacher(cfg, device)                 # the toy teacher is cached by rank 0 by now
+    G = distil(cfg, teacher, device, env, should_stop) if cfg.task in ('train', 'default') else None
     rows = None
-    if cfg.task in ('eval', 'default'):
-        rows = evaluate_toy(cfg, teacher, G, device)
+    if cfg.task in ('eval', 'default') and env.rank == 0:
+        if G is None:
+            G = load_network_file(run_dir / 'generator.pt').to(device)
+        rows = evaluate_toy(cfg, teacher.float(), G, device)
         print(format_table(rows))
         log.info(f'results in {run_dir / "eval.json"}, samples in {run_dir / "samples.png"}')
     log.info(f'done in {time.time() - t0:.0f} s')

@@ -107,8 +107,9 @@ class GMMWorld:
         return mean, second - torch.outer(mean, mean)
 
 #----------------------------------------------------------------------------
-# The toy world as a data stream: sample i of the global stream is drawn from a generator seeded by
-# (seed, i // batch), so the whole state is the number of samples consumed and resume is exact.
+# The toy world as a data stream. Step k of the global stream draws the whole global batch from a generator
+# seeded by (seed, k) and each rank takes its slice, so the samples do not depend on the number of ranks and
+# the whole state is the number of samples consumed.
 
 class GMMStream:
     """Batches (x0 [B, C, H, W], one-hot labels [B, classes]) of exact samples for one rank."""
@@ -118,14 +119,19 @@ class GMMStream:
         self.consumed = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.consumed // (self.batch * self.world_size)
-        gen = torch.Generator().manual_seed(hash((self.seed, step, self.rank)) & 0x7fff_ffff_ffff)
-        x0, labels = self.world.sample(self.batch, gen)
-        self.consumed += self.batch * self.world_size
-        return x0, torch.nn.functional.one_hot(labels, self.world.num_classes).float()
+        global_batch = self.batch * self.world_size
+        step = self.consumed // global_batch
+        gen = torch.Generator().manual_seed(hash((self.seed, step)) & 0x7fff_ffff_ffff)
+        x0, labels = self.world.sample(global_batch, gen)
+        rows = slice(self.rank * self.batch, (self.rank + 1) * self.batch)
+        self.consumed += global_batch
+        return x0[rows], torch.nn.functional.one_hot(labels[rows], self.world.num_classes).float()
 
     def state_dict(self) -> dict:
-        return {'version': 1, 'consumed': self.consumed}
+        return {'version': 1, 'consumed': self.consumed, 'global_batch': self.batch * self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get('global_batch', self.batch * self.world_size) != self.batch * self.world_size:
+            raise ValueError(f'data state was saved with global batch {state["global_batch"]}, now '
+                             f'{self.batch * self.world_size}: resume with the same train.batch')
         self.consumed = int(state['consumed'])

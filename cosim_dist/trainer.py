@@ -1,8 +1,13 @@
 """The CoSIM distillation loop (ALGORITHM.md Eq. L1). It receives built components and knows nothing of
-launchers, Slurm or object storage; `should_stop()` is the preemption seam checked at step boundaries."""
+launchers, Slurm or object storage; `should_stop()` is the preemption seam checked at step boundaries.
+
+Randomness is a function of (seed, images seen): every step reseeds the global RNG (dropout) and draws the
+times and noise of the *global* micro-batch from a step generator, each rank taking its slice, so a run
+gives the same result in 1 or N processes and resumes exactly from one counter."""
 
 import copy
 import dataclasses
+import pathlib
 import time
 from typing import Callable, Protocol
 
@@ -10,6 +15,8 @@ import torch
 
 from . import cosim
 from .config import KernelConfig, LossConfig, TrainConfig
+from .distributed import any_rank
+from .engines import autocast
 from .logging import RunLogger, log
 
 class BatchStream(Protocol):
@@ -18,12 +25,13 @@ class BatchStream(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 class Checkpointer(Protocol):
-    def save(self, nimg: int, state: dict) -> None: ...
-    def load_latest(self) -> dict | None: ...
+    def latest(self) -> pathlib.Path | None: ...        # local directory of the newest committed checkpoint
+    def stage(self, nimg: int) -> pathlib.Path: ...     # collective: local directory to write a checkpoint into
+    def commit(self, nimg: int) -> None: ...            # collective: every rank wrote; make it the newest
 
-def step_generator(seed: int, rank: int, nimg: int, device: torch.device) -> torch.Generator:
-    """Per-step RNG derived from (seed, rank, images seen), so resume replays the exact noise (EDM2 style)."""
-    return torch.Generator(device).manual_seed(hash((seed, rank, nimg)) & 0x7fff_ffff_ffff)
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed derived from the run seed and counters (EDM2's per-step reseeding)."""
+    return hash((seed, *parts)) & 0x7fff_ffff_ffff_ffff
 
 def finite_rows(*xs: torch.Tensor) -> torch.Tensor:
     """Mask [N] of samples whose tensors are all finite (NaN samples are dropped and counted, Eq. L1)."""
@@ -34,8 +42,8 @@ def finite_rows(*xs: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class TrainState:
-    nimg: int = 0           # generator-step images seen
-    nan_dropped: int = 0    # samples dropped for NaN/Inf
+    nimg: int = 0           # generator-step images seen (global)
+    nan_dropped: int = 0    # samples dropped for NaN/Inf on this rank
 
 #----------------------------------------------------------------------------
 
@@ -44,41 +52,56 @@ class Trainer:
 
     def __init__(self, *, teacher: torch.nn.Module, g_engine, aux_engine, data: BatchStream,
                  schedule: cosim.TimeSchedule, train: TrainConfig, loss: LossConfig, kernel: KernelConfig,
-                 sigma_data: float, seed: int, logger: RunLogger, checkpointer: Checkpointer | None = None,
-                 checkpoint_kimg: float = 0.0, should_stop: Callable[[], bool] = lambda: False,
+                 sigma_data: float, seed: int, logger: RunLogger, device: torch.device, precision: str = 'fp32',
+                 checkpointer: Checkpointer | None = None, should_stop: Callable[[], bool] = lambda: False,
                  rank: int = 0, world_size: int = 1, batch_gpu: int | None = None) -> None:
         self.teacher, self.g, self.aux, self.data = teacher, g_engine, aux_engine, data
         self.schedule, self.train_cfg, self.loss_cfg, self.kernel_cfg = schedule, train, loss, kernel
-        self.sigma_data, self.seed, self.logger = sigma_data, seed, logger
-        self.checkpointer, self.checkpoint_kimg, self.should_stop = checkpointer, checkpoint_kimg, should_stop
+        self.sigma_data, self.seed, self.logger, self.device, self.precision = sigma_data, seed, logger, device, precision
+        self.checkpointer, self.should_stop = checkpointer, should_stop
         self.rank, self.world_size = rank, world_size
         self.batch_gpu = batch_gpu or train.batch // world_size
         self.rounds = train.batch // (self.batch_gpu * world_size)
         self.alpha = cosim.generator_alpha(loss.lmbda, loss.alpha)
-        self.ema = copy.deepcopy(self.g.module).eval().requires_grad_(False)
+        with self.g.full_parameters():
+            self.ema = copy.deepcopy(self.g.module).eval().requires_grad_(False)
         self.state = TrainState()
-        self.device = next(self.g.module.parameters()).device
 
     #------------------------------------------------------------------------
-    # Checkpoint state: both engines, EMA, data counter, progress.
+    # Checkpoints: both engines through their own (collective) save, the rest as client state.
 
-    def state_dict(self) -> dict:
-        return {'state': dataclasses.asdict(self.state), 'g': self.g.state_dict(), 'aux': self.aux.state_dict(),
-                'ema': self.ema.state_dict(), 'data': self.data.state_dict()}
+    def save_checkpoint(self) -> None:
+        path = self.checkpointer.stage(self.state.nimg)
+        client = {'state': dataclasses.asdict(self.state), 'ema': self.ema.state_dict(), 'data': self.data.state_dict()}
+        self.g.save(path / 'g', client_state=client)
+        self.aux.save(path / 'aux')
+        self.checkpointer.commit(self.state.nimg)
 
-    def load_state_dict(self, sd: dict) -> None:
-        self.state = TrainState(**sd['state'])
-        self.g.load_state_dict(sd['g'])
-        self.aux.load_state_dict(sd['aux'])
-        self.ema.load_state_dict(sd['ema'])
-        self.data.load_state_dict(sd['data'])
+    def load_checkpoint(self) -> bool:
+        path = self.checkpointer.latest() if self.checkpointer is not None else None
+        if path is None:
+            return False
+        client = self.g.load(path / 'g')
+        self.aux.load(path / 'aux')
+        self.state = TrainState(**client['state'])
+        self.ema.load_state_dict(client['ema'])
+        self.data.load_state_dict(client['data'])
+        log.info(f'resumed at {self.state.nimg / 1000:.1f} kimg from {path}')
+        return True
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    #------------------------------------------------------------------------
+
+    def _micro_batch(self, gen: torch.Generator):
+        """Data, times (Eq. T1) and kernel noise (Eq. K1) of this rank's slice of the global micro-batch."""
         x0, c = self.data.next_batch()
-        return x0.to(self.device, non_blocking=True), c.to(self.device, non_blocking=True)
+        x0, c = x0.to(self.device, non_blocking=True), c.to(self.device, non_blocking=True)
+        n, lo = x0.shape[0] * self.world_size, x0.shape[0] * self.rank
+        s, t = (v[lo:lo + x0.shape[0]] for v in self.schedule.sample(n, gen, self.device))
+        noise = torch.randn(2, n, *x0.shape[1:], generator=gen, device=self.device)[:, lo:lo + x0.shape[0]]
+        return x0, (c if c.shape[1] else None), s, t, noise[0], noise[1]
 
-    def _labels(self, c: torch.Tensor) -> torch.Tensor | None:
-        return c if c.shape[1] else None
+    def _count_dropped(self, ok: torch.Tensor) -> None:
+        self.state.nan_dropped += int((~ok).sum())
 
     #------------------------------------------------------------------------
     # Eq. L1 step 1: auxiliary update on a real batch, generator output detached.
@@ -88,19 +111,21 @@ class Trainer:
         G.eval()
         aux.train()
         for _ in range(self.rounds):
-            x0, c = self._batch()
-            s, t = self.schedule.sample(x0.shape[0], gen, self.device)
-            with torch.no_grad():
-                ks = cosim.transition_kernel(G, x0, self._labels(c), s, t, self.kernel_cfg.eta, gen)
-                D_phi = self.teacher(ks.x_s, s, self._labels(c))
+            x0, c, s, t, n_t, n_s = self._micro_batch(gen)
+            with torch.no_grad(), autocast(self.device, self.precision):
+                ks = cosim.transition_kernel(G, x0, c, s, t, n_t, n_s, self.kernel_cfg.eta)
+                D_phi = self.teacher(ks.x_s, s, c).float()
             ok = finite_rows(ks.x_s, D_phi)
-            self.state.nan_dropped += int((~ok).sum())
-            out = aux(ks.x_s[ok], s[ok], self._labels(c[ok]), sigma_t=t[ok], return_logvar=aux.has_logvar)
+            self._count_dropped(ok)
+            c_ok = None if c is None else c[ok]
+            with autocast(self.device, self.precision):
+                out = aux(ks.x_s[ok], s[ok], c_ok, sigma_t=t[ok], return_logvar=aux.has_logvar)
             D_psi, logvar = out if aux.has_logvar else (out, None)
-            loss = cosim.aux_loss(D_psi, ks.target[ok], D_phi[ok], s[ok], self.loss_cfg.lmbda, self.sigma_data, logvar)
-            self.aux.backward(loss / self.rounds)
+            loss = cosim.aux_loss(D_psi.float(), ks.target[ok], D_phi[ok], s[ok], self.loss_cfg.lmbda, self.sigma_data,
+                                  None if logvar is None else logvar.float())
+            self.aux.backward(loss)
+            self.aux.step()
             total += loss.item() / self.rounds
-        self.aux.step()
         return total
 
     #------------------------------------------------------------------------
@@ -113,42 +138,50 @@ class Trainer:
         aux.eval().requires_grad_(False)
         try:
             for _ in range(self.rounds):
-                x0, c = self._batch()
-                s, t = self.schedule.sample(x0.shape[0], gen, self.device)
-                ks = cosim.transition_kernel(G, x0, self._labels(c), s, t, self.kernel_cfg.eta, gen)
-                D_phi = self.teacher(ks.x_s, s, self._labels(c))
-                D_psi = aux(ks.x_s, s, self._labels(c), sigma_t=t)
+                x0, c, s, t, n_t, n_s = self._micro_batch(gen)
+                with autocast(self.device, self.precision):
+                    ks = cosim.transition_kernel(G, x0, c, s, t, n_t, n_s, self.kernel_cfg.eta)
+                    D_phi = self.teacher(ks.x_s, s, c).float()
+                    D_psi = aux(ks.x_s, s, c, sigma_t=t).float()
                 ok = finite_rows(ks.x_s, D_phi, D_psi)
-                self.state.nan_dropped += int((~ok).sum())
-                loss = cosim.generator_loss(ks.target[ok], D_phi[ok], D_psi[ok], self.alpha, self.loss_cfg.gen_scale)
-                self.g.backward(loss / self.rounds)
+                self._count_dropped(ok)
+                loss = cosim.generator_loss(ks.target[ok].float(), D_phi[ok], D_psi[ok], self.alpha, self.loss_cfg.gen_scale)
+                self.g.backward(loss)
+                self.g.step()
                 total += loss.item() / self.rounds
-            self.g.step()
         finally:
             aux.requires_grad_(True)
         return total
 
+    def ema_step(self) -> None:
+        beta = cosim.ema_beta(self.train_cfg.batch, self.state.nimg, self.train_cfg.ema_halflife_kimg, self.train_cfg.ema_rampup)
+        with self.g.full_parameters():
+            cosim.ema_update(self.ema, self.g.module, beta)
+
     #------------------------------------------------------------------------
 
     def train(self) -> TrainState:
-        """Run (or resume) until train.kimg; returns the final state. Stops early if should_stop()."""
+        """Run (or resume) until train.kimg; returns the final state. Stops early when any rank's
+        should_stop() is true (agreed at a step boundary), after saving a checkpoint."""
         cfg = self.train_cfg
-        if self.checkpointer is not None and (sd := self.checkpointer.load_latest()) is not None:
-            self.load_state_dict(sd)
-            log.info(f'resumed at {self.state.nimg / 1000:.1f} kimg')
+        self.load_checkpoint()
+        start_nimg = self.state.nimg
         total, batch = int(cfg.kimg * 1000), cfg.batch
         self.logger.start(total, min(self.state.nimg, total), 'distil')
         next_log = self.state.nimg + cfg.log_kimg * 1000
-        next_ckpt = self.state.nimg + self.checkpoint_kimg * 1000
+        next_ckpt = self.state.nimg + cfg.checkpoint_kimg * 1000
         sums, count, t0 = {'loss/aux': 0.0, 'loss/gen': 0.0}, 0, time.time()
-        while self.state.nimg < total and not self.should_stop():
-            gen = step_generator(self.seed, self.rank, self.state.nimg, self.device)
+        while self.state.nimg < total:
+            if any_rank(self.should_stop()):
+                log.info(f'stop requested: saving at {self.state.nimg / 1000:.1f} kimg')
+                break
+            torch.manual_seed(step_seed(self.seed, self.rank, self.state.nimg))          # dropout
+            gen = torch.Generator(self.device).manual_seed(step_seed(self.seed, self.state.nimg))
             for _ in range(cfg.aux_steps_per_gen):
                 sums['loss/aux'] += self.aux_step(gen) / cfg.aux_steps_per_gen
             sums['loss/gen'] += self.generator_step(gen)
             self.state.nimg += batch
-            beta = cosim.ema_beta(batch, self.state.nimg, cfg.ema_halflife_kimg, cfg.ema_rampup)
-            cosim.ema_update(self.ema, self.g.module, beta)
+            self.ema_step()
             count += 1
             self.logger.advance(batch, aux=sums['loss/aux'] / count, gen=sums['loss/gen'] / count)
             done = self.state.nimg >= total
@@ -158,10 +191,10 @@ class Trainer:
                                     | {'perf/img_per_s': rate, 'nan_dropped': self.state.nan_dropped})
                 sums, count, t0 = dict.fromkeys(sums, 0.0), 0, time.time()
                 next_log += cfg.log_kimg * 1000
-            if self.checkpointer is not None and self.checkpoint_kimg > 0 and (self.state.nimg >= next_ckpt or done):
-                self.checkpointer.save(self.state.nimg, self.state_dict())
-                next_ckpt += self.checkpoint_kimg * 1000
-        if self.checkpointer is not None and self.state.nimg < total:
-            self.checkpointer.save(self.state.nimg, self.state_dict())
+            if self.checkpointer is not None and cfg.checkpoint_kimg > 0 and self.state.nimg >= next_ckpt and not done:
+                self.save_checkpoint()
+                next_ckpt += cfg.checkpoint_kimg * 1000
+        if self.checkpointer is not None and self.state.nimg != start_nimg:
+            self.save_checkpoint()
         self.logger.close()
         return self.state

@@ -29,7 +29,8 @@ def kernel_batch(a, n, sigma_s, sigma_t, seed):
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(n, D, 1, 1, generator=gen, dtype=torch.float64) * S0
     s, t = torch.full((n,), sigma_s, dtype=torch.float64), torch.full((n,), sigma_t, dtype=torch.float64)
-    return cosim.transition_kernel(lambda x, sig, c: a * x, x0, None, s, t, gen=gen), s
+    n_t, n_s = torch.randn(2, *x0.shape, generator=gen, dtype=torch.float64)
+    return cosim.transition_kernel(lambda x, sig, c: a * x, x0, None, s, t, n_t, n_s), s
 
 @pytest.mark.parametrize('lmbda', [0.0, 1.0, 3.0])
 def test_aux_minimiser_is_blended_target(lmbda):
@@ -105,11 +106,12 @@ def test_kernel_eta_target():
     x0 = torch.randn(8, 3, 4, 4, generator=gen)
     s, t = torch.full((8,), 0.5), torch.full((8,), 2.0)
     G = lambda x, sig, c: 0.5 * x
-    ks = cosim.transition_kernel(G, x0, None, s, t, eta=0.6, gen=gen)
+    n_t, n_s = torch.randn(2, *x0.shape, generator=gen)
+    ks = cosim.transition_kernel(G, x0, None, s, t, n_t, n_s, eta=0.6)
     mean = ks.x0_hat + 0.5 * math.sqrt(1 - 0.36) * (ks.x_t - ks.x0_hat) / 2.0
     score = -(ks.x_s - mean) / (0.6 * 0.5) ** 2
     torch.testing.assert_close(ks.target, ks.x_s + 0.25 * score)
-    ks1 = cosim.transition_kernel(G, x0, None, s, t, eta=1.0, gen=gen)
+    ks1 = cosim.transition_kernel(G, x0, None, s, t, n_t, n_s, eta=1.0)
     torch.testing.assert_close(ks1.target, ks1.x0_hat)
 
 #----------------------------------------------------------------------------

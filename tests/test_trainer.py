@@ -1,12 +1,13 @@
 """The Eq. L1 loop: exact resume, no gradient leaks between the two networks, NaN samples dropped."""
 
+import pytest
 import torch
 
 from cosim_dist import tasks
 from cosim_dist.checkpoint import LocalCheckpointer
 from cosim_dist.config import load_config
 
-ARGS = ['train.kimg=0.256', 'train.batch=32', 'train.checkpoint_kimg=0', 'logging.wandb=disabled',
+ARGS = ['train.kimg=0.256', 'train.batch=32', 'train.checkpoint_kimg=0.064', 'logging.wandb=disabled',
         'logging.progress=false', 'model.net.model_channels=16']
 
 def build(tmp_path, *extra):
@@ -58,9 +59,13 @@ def test_nan_samples_are_dropped_and_counted(tmp_path):
     assert torch.isfinite(torch.tensor(loss)) and trainer.state.nan_dropped == 2
     assert torch.isfinite(params(trainer.g.module)).all() and torch.isfinite(params(trainer.aux.module)).all()
 
-def test_checkpointer_skips_damaged_newest(tmp_path):
-    ck = LocalCheckpointer(tmp_path, keep=3)
-    ck.save(1, {'x': torch.ones(1)})
-    ck.save(2, {'x': torch.full((1,), 2.0)})
-    (tmp_path / 'state-000000000002.pt').write_bytes(b'garbage')
-    assert ck.load_latest()['x'].item() == 1.0
+def test_checkpointer_commits_last_and_keeps_k(tmp_path):
+    ck = LocalCheckpointer(tmp_path, keep=2)
+    for nimg in (1, 2, 3):
+        (ck.stage(nimg) / 'g').mkdir(parents=True)
+        ck.commit(nimg)
+    assert [p.name for p in ck.committed()] == ['step-000000000002', 'step-000000000003']
+    (ck.stage(4) / 'g').mkdir(parents=True)                       # staged but never committed: ignored
+    assert ck.latest().name == 'step-000000000003'
+    with pytest.raises(FileExistsError, match='already committed'):
+        ck.stage(3)
