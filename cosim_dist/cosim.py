@@ -145,9 +145,9 @@ def ema_beta(batch: int, nimg: int, halflife_kimg: float, rampup: float | None) 
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
     """Eq. L1 (EMA): ema <- beta ema + (1 - beta) net, parameters and buffers."""
     for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - beta)
+        e.lerp_(p.detach().to(e.dtype).reshape(e.shape), 1 - beta)
     for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b)
+        e.copy_(b.reshape(e.shape))
 
 #----------------------------------------------------------------------------
 # Eq. S1: the K-step sampler (Algorithm 1). Default grid: the first K points of the rho-grid with K + 1 points.

@@ -6,6 +6,7 @@ import datetime
 import os
 import random
 import re
+import socket
 from typing import Mapping
 
 import torch
@@ -62,19 +63,27 @@ def discover(env: Mapping[str, str] = os.environ) -> DistEnv:
 
 #----------------------------------------------------------------------------
 
-def init(env: DistEnv, device: str = 'auto', timeout_s: float = 1800) -> torch.device:
-    """Join the process group (gloo on CPU, nccl on GPU) and return this rank's device (`run.device`)."""
+def init(env: DistEnv, device: str = 'auto', always_group: bool = False, timeout_s: float = 1800) -> torch.device:
+    """Join the process group (gloo on CPU, nccl on GPU; also for one process if `always_group`, as DeepSpeed
+    needs one) and return this rank's device (`run.device`)."""
     use_cuda = torch.cuda.is_available() if device == 'auto' else device == 'cuda'
     if use_cuda and not torch.cuda.is_available():
         raise ValueError('run.device=cuda but no CUDA device is visible; use run.device=cpu or auto')
     dev = torch.device('cuda', env.local_rank % torch.cuda.device_count()) if use_cuda else torch.device('cpu')
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
-    if env.world_size > 1 and not torch.distributed.is_initialized():
+    if (env.world_size > 1 or always_group) and not torch.distributed.is_initialized():
+        if env.source == 'single':
+            env = dataclasses.replace(env, master_port=_free_port())
         env.export()
         torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
                                              timeout=datetime.timedelta(seconds=timeout_s))
     return dev
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 def shutdown() -> None:
     if torch.distributed.is_initialized():
@@ -83,6 +92,15 @@ def shutdown() -> None:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+def rank_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalars over ranks (every rank must call it with the same keys)."""
+    if not torch.distributed.is_initialized():
+        return values
+    device = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(values, (t / torch.distributed.get_world_size()).tolist()))
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (the step-boundary agreement for preemption)."""

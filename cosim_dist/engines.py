@@ -94,6 +94,19 @@ def deepspeed_config(micro_batch: int, accum: int, world_size: int, zero_stage: 
         cfg['optimizer'] = optimizer
     return cfg
 
+def _share_scalar_parameters(module: torch.nn.Module, zero_stage: int) -> None:
+    """DeepSpeed's broadcasts view every parameter as bytes, which fails for 0-dim tensors (EDM2's gains, our t_gain).
+    Under ZeRO-3 they become shape [1] (they broadcast identically; the EMA and exports keep the canonical shape);
+    otherwise we broadcast them ourselves and mark them so that DeepSpeed skips them."""
+    for p in module.parameters():
+        if p.dim() == 0:
+            if torch.distributed.is_initialized():
+                torch.distributed.broadcast(p.data, src=0)
+            if zero_stage == 3:
+                p.data = p.data.reshape(1)
+            else:
+                p.ds_optim_param = True
+
 class DeepSpeedEngine:
     """A DeepSpeed engine with its own optimiser and config (one per trained network)."""
 
@@ -103,6 +116,7 @@ class DeepSpeedEngine:
             raise ValueError(f'engine.zero_stage={zero_stage} is invalid; valid choices: 0, 1, 2, 3')
         deepspeed = import_deepspeed()
         sanitize_gradients(module)
+        _share_scalar_parameters(module, zero_stage)
         adam = {'type': 'AdamW', 'params': {'lr': lr, 'betas': list(betas), 'eps': eps, 'weight_decay': 0.0,
                                             'torch_adam': True}}
         self.zero_stage = zero_stage

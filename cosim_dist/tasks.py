@@ -200,7 +200,7 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     """Execute cfg.task on this rank (all ranks call it); returns the evaluation rows on rank 0."""
     env = env or distributed.discover()
     try:
-        device = distributed.init(env, cfg.run.device)
+        device = distributed.init(env, cfg.run.device, always_group=cfg.engine.backend == 'deepspeed')
     except ValueError as e:
         raise ConfigError(str(e)) from None
     batch_layout(cfg.train, env.world_size)

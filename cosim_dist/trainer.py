@@ -5,7 +5,6 @@ Randomness is a function of (seed, images seen): every step reseeds the global R
 times and noise of the *global* micro-batch from a step generator, each rank taking its slice, so a run
 gives the same result in 1 or N processes and resumes exactly from one counter."""
 
-import copy
 import dataclasses
 import pathlib
 import time
@@ -15,7 +14,7 @@ import torch
 
 from . import cosim
 from .config import KernelConfig, LossConfig, TrainConfig
-from .distributed import any_rank
+from .distributed import any_rank, rank_mean
 from .engines import autocast
 from .logging import RunLogger, log
 
@@ -63,8 +62,10 @@ class Trainer:
         self.batch_gpu = batch_gpu or train.batch // world_size
         self.rounds = train.batch // (self.batch_gpu * world_size)
         self.alpha = cosim.generator_alpha(loss.lmbda, loss.alpha)
+        G = self.g.module
+        self.ema = type(G)(**G.init_kwargs).to(device).eval().requires_grad_(False)   # a plain copy, whatever the engine
         with self.g.full_parameters():
-            self.ema = copy.deepcopy(self.g.module).eval().requires_grad_(False)
+            cosim.ema_update(self.ema, G, beta=0.0)
         self.state = TrainState()
 
     #------------------------------------------------------------------------
@@ -187,7 +188,7 @@ class Trainer:
             done = self.state.nimg >= total
             if self.state.nimg >= next_log or done:
                 rate = count * batch / (time.time() - t0)
-                self.logger.scalars(self.state.nimg, {k: v / count for k, v in sums.items()}
+                self.logger.scalars(self.state.nimg, rank_mean({k: v / count for k, v in sums.items()})
                                     | {'perf/img_per_s': rate, 'nan_dropped': self.state.nan_dropped})
                 sums, count, t0 = dict.fromkeys(sums, 0.0), 0, time.time()
                 next_log += cfg.log_kimg * 1000

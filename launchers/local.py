@@ -1,21 +1,16 @@
 """Local launcher: run a task in this process, or start N processes on this machine (torchrun-style)."""
 
 import os
-import socket
 import subprocess
 import sys
 
+from cosim_dist import distributed
 from cosim_dist.config import Config
 from cosim_dist.logging import setup_console
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 def launch_local(cfg: Config) -> None:
     """Run cfg.task in this process (a single process, or one rank started by torchrun or srun)."""
-    from cosim_dist import distributed, tasks
+    from cosim_dist import tasks
     env = distributed.discover()
     setup_console(env.rank)
     try:
@@ -27,6 +22,6 @@ def launch_processes(nproc: int, overrides: list[str]) -> int:
     """Start `nproc` ranks of `launch.py overrides` through torch.distributed.run on 127.0.0.1."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // nproc))))
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
-           f'--master_port={free_port()}', '--tee=0', os.path.join(os.path.dirname(__file__), '..', 'launch.py'),
+           f'--master_port={distributed._free_port()}', '--tee=0', os.path.join(os.path.dirname(__file__), '..', 'launch.py'),
            *overrides]
     return subprocess.run(cmd, env=env).returncode

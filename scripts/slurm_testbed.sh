@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# A real single-node Slurm (Debian bookworm packages, 22.05) with slurmdbd accounting and two preemption partitions,
+# for the server-backed tests (docs: TESTBED.md). Needs root; works without systemd: every daemon is started directly
+# and stopped by its pid file.
+#
+#   scripts/slurm_testbed.sh install   apt-get install the packages (a no-op when they are installed)
+#   scripts/slurm_testbed.sh start     install if needed, write the configs, start munged, mariadb, slurmdbd, slurmctld
+#                                      and slurmd, and wait until the node is idle (a no-op when all of it is up)
+#   scripts/slurm_testbed.sh stop      cancel every job and stop the daemons
+#   scripts/slurm_testbed.sh status    daemons, sinfo and squeue (exit code 3 when a daemon is down)
+#
+# Partitions: `low` (default, PriorityTier=1, GraceTime=30, preemptible by REQUEUE) and `high` (PriorityTier=10,
+# PreemptMode=OFF). The node declares CPUs=4 whatever the machine has: a job in `high` asking for 4 CPUs preempts `low`.
+# Environment: SLURM_TESTBED_CLUSTER (cluster name, default cosim), SLURM_TESTBED_TIMEOUT (seconds to wait for the
+# node, default 60).
+set -euo pipefail
+
+CLUSTER=${SLURM_TESTBED_CLUSTER:-cosim}
+TIMEOUT=${SLURM_TESTBED_TIMEOUT:-60}
+NODE=$(hostname -s)
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+CONF_DIR=/etc/slurm
+LOG_DIR=/var/log/slurm
+STATE_DIR=/var/lib/slurm
+DB_NAME=slurm_acct_db
+DB_USER=slurm
+DB_PASS=slurm-testbed # mariadb listens on localhost only; the database is throwaway
+# daemon name -> pid file (slurm*.pid paths are also written into the configs below)
+declare -A PIDFILE=([munged]=/run/munge/munged.pid [mariadbd]=/run/mysqld/mysqld.pid [slurmdbd]=/run/slurmdbd.pid
+                    [slurmctld]=/run/slurmctld.pid [slurmd]=/run/slurmd.pid)
+
+log() { echo "slurm_testbed: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+require_root() { [[ $(id -u) == 0 ]] || die "must run as root (it installs packages and starts system daemons)"; }
+
+#----------------------------------------------------------------------------
+# install
+
+missing_packages() {
+    local p
+    for p in "${PACKAGES[@]}"; do
+        [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == "install ok installed" ]] || echo "$p"
+    done
+}
+
+do_install() {
+    require_root
+    local missing
+    missing=$(missing_packages)
+    if [[ -z $missing ]]; then
+        log "packages already installed"
+        return
+    fi
+    command -v apt-get >/dev/null || die "apt-get not found: install ${PACKAGES[*]} by hand"
+    # Keep the packages' maintainer scripts from starting daemons (we start them ourselves and track their pids).
+    local policy=/usr/sbin/policy-rc.d made_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        made_policy=1
+    fi
+    log "installing: $(echo $missing)"
+    local rc=0
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"; } \
+        >/tmp/slurm_testbed_install.log 2>&1 || rc=$?
+    [[ $made_policy == 1 ]] && rm -f "$policy"
+    if [[ $rc != 0 ]]; then
+        tail -n 30 /tmp/slurm_testbed_install.log >&2
+        die "apt-get failed (rc $rc); full log in /tmp/slurm_testbed_install.log"
+    fi
+    log "installed ($(dpkg-query -W -f='${Version}' slurmctld))"
+}
+
+#----------------------------------------------------------------------------
+# daemons
+
+pid_of() { # prints the pid of daemon $1 if its pid file names a live process of that name
+    local f=${PIDFILE[$1]} pid
+    [[ -r $f ]] || return 1
+    pid=$(tr -dc '0-9' <"$f")
+    [[ -n $pid && -r /proc/$pid/comm && $(cat /proc/$pid/comm) == "$1" ]] || return 1
+    echo "$pid"
+}
+
+running() { pid_of "$1" >/dev/null; }
+
+wait_until() { # wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s
+    local secs=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || { log "timed out after ${secs}s waiting for $what"; return 1; }
+        sleep 0.2
+    done
+}
+
+kill_daemon() { # SIGTERM, then SIGKILL after 10 s
+    local name=$1 pid i
+    pid=$(pid_of "$name") || { rm -f "${PIDFILE[$name]}"; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        [[ -d /proc/$pid ]] || break
+        sleep 0.2
+    done
+    if [[ -d /proc/$pid ]]; then
+        log "$name ($pid) ignored SIGTERM for 10 s: SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "${PIDFILE[$name]}"
+    log "stopped $name ($pid)"
+}
+
+show_logs() {
+    local f
+    for f in "$LOG_DIR"/slurmdbd.log "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log /var/log/munge/munged.log; do
+        [[ -r $f ]] || continue
+        echo "----- tail $f" >&2
+        tail -n 25 "$f" >&2
+    done
+}
+
+fail_start() { log "ERROR: $*"; show_logs; exit 1; }
+
+#----------------------------------------------------------------------------
+# start
+
+write_if_changed() { # write_if_changed PATH MODE OWNER < content; returns 0 if the file changed
+    local path=$1 mode=$2 owner=$3 tmp
+    tmp=$(mktemp)
+    cat >"$tmp"
+    if [[ -f $path ]] && cmp -s "$tmp" "$path"; then
+        rm -f "$tmp"
+        chmod "$mode" "$path"; chown "$owner" "$path"
+        return 1
+    fi
+    install -m "$mode" -o "${owner%%:*}" -g "${owner##*:}" "$tmp" "$path"
+    rm -f "$tmp"
+    return 0
+}
+
+write_configs() { # returns 0 if a config changed
+    local mem changed=1
+    mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+    install -d -m 755 "$CONF_DIR"
+    write_if_changed "$CONF_DIR/slurm.conf" 644 root:root <<EOF && changed=0
+# Written by scripts/slurm_testbed.sh: a single-node test cluster (see TESTBED.md). Edits are overwritten by start.
+ClusterName=$CLUSTER
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=slurm
+AuthType=auth/munge
+# Step credentials expire after 5 s, not 120: a requeued job restarts in seconds.
+AuthInfo=cred_expire=5
+StateSaveLocation=$STATE_DIR/slurmctld
+SlurmdSpoolDir=$STATE_DIR/slurmd
+SlurmctldPidFile=${PIDFILE[slurmctld]}
+SlurmdPidFile=${PIDFILE[slurmd]}
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmctldPort=6817
+SlurmdPort=6818
+MpiDefault=none
+# No cgroups (containers, no systemd): no cgroup.conf on purpose.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+# Lets the node declare CPUs=4 on a 2-core machine.
+SlurmdParameters=config_overrides
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+MinJobAge=300
+KillWait=5
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+# Preemption by partition priority; preempted jobs get their --signal (submitit: USR2) and are requeued.
+# (22.05 spelling: PreemptParameters= is fatal there.)
+SlurmctldParameters=preempt_send_user_signal
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+JobCompType=jobcomp/none
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=4 RealMemory=$mem State=UNKNOWN
+PartitionName=low Nodes=$NODE Default=YES PriorityTier=1 GraceTime=30 MaxTime=INFINITE State=UP
+PartitionName=high Nodes=$NODE PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
+EOF
+    write_if_changed "$CONF_DIR/slurmdbd.conf" 600 slurm:slurm <<EOF && changed=0
+# Written by scripts/slurm_testbed.sh.
+AuthType=auth/munge
+DbdHost=localhost
+DbdPort=6819
+SlurmUser=slurm
+LogFile=$LOG_DIR/slurmdbd.log
+PidFile=${PIDFILE[slurmdbd]}
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=$DB_USER
+StoragePass=$DB_PASS
+StorageLoc=$DB_NAME
+EOF
+    # A stale cgroup.conf (e.g. from the package or an earlier setup) would enable cgroup plugins' checks.
+    if [[ -e $CONF_DIR/cgroup.conf ]]; then
+        mv "$CONF_DIR/cgroup.conf" "$CONF_DIR/cgroup.conf.disabled-by-testbed"
+        changed=0
+    fi
+    return $changed
+}
+
+ensure_hostname() { # submitit uses the node name as MASTER_ADDR: it must resolve
+    getent hosts "$NODE" >/dev/null && return
+    echo "127.0.0.1 $NODE" >>/etc/hosts
+    log "added '127.0.0.1 $NODE' to /etc/hosts"
+}
+
+start_munge() {
+    install -d -o munge -g munge -m 700 /etc/munge /var/log/munge
+    install -d -o munge -g munge -m 711 /var/lib/munge
+    install -d -o munge -g munge -m 755 /run/munge
+    if [[ ! -s /etc/munge/munge.key ]]; then
+        dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+        log "created /etc/munge/munge.key"
+    fi
+    chown munge:munge /etc/munge/munge.key
+    chmod 400 /etc/munge/munge.key
+    running munged && return
+    rm -f "${PIDFILE[munged]}" /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
+    runuser -u munge -- /usr/sbin/munged
+    wait_until 10 "munged" sh -c 'munge -n | unmunge' || fail_start "munged does not answer"
+    log "started munged ($(pid_of munged))"
+}
+
+start_mariadb() {
+    if ! running mariadbd; then
+        install -d -o mysql -g mysql -m 755 /run/mysqld
+        /etc/init.d/mariadb start >/tmp/slurm_testbed_mariadb.log 2>&1 \
+            || { cat /tmp/slurm_testbed_mariadb.log >&2; fail_start "mariadb did not start"; }
+        log "started mariadb ($(pid_of mariadbd || echo '?'))"
+    fi
+    wait_until 30 "mariadb" mysqladmin --no-defaults -uroot -S /run/mysqld/mysqld.sock ping || fail_start "mariadb does not answer"
+    mysql -uroot -S /run/mysqld/mysqld.sock <<EOF || fail_start "could not create the slurm database user"
+CREATE DATABASE IF NOT EXISTS $DB_NAME;
+CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL ON $DB_NAME.* TO '$DB_USER'@'localhost';
+FLUSH PRIVILEGES;
+EOF
+}
+
+cluster_registered() { sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; }
+
+start_slurm() {
+    install -d -o slurm -g slurm -m 755 "$LOG_DIR" "$STATE_DIR" "$STATE_DIR/slurmctld"
+    install -d -o root -g root -m 755 "$STATE_DIR/slurmd"
+    if ! running slurmdbd; then
+        rm -f "${PIDFILE[slurmdbd]}"
+        /usr/sbin/slurmdbd || fail_start "slurmdbd exited with an error"
+        log "started slurmdbd"
+    fi
+    wait_until 30 "slurmdbd" sacctmgr -n -P list cluster || fail_start "slurmdbd does not answer sacctmgr"
+    if ! cluster_registered; then
+        sacctmgr -i add cluster "$CLUSTER" >/dev/null || cluster_registered || fail_start "sacctmgr add cluster $CLUSTER failed"
+        log "added cluster $CLUSTER to the accounting database"
+    fi
+    if ! running slurmctld; then
+        rm -f "${PIDFILE[slurmctld]}"
+        /usr/sbin/slurmctld || fail_start "slurmctld exited with an error"
+        log "started slurmctld"
+    fi
+    wait_until 30 "slurmctld" scontrol ping || fail_start "slurmctld does not answer scontrol ping"
+    if ! running slurmd; then
+        rm -f "${PIDFILE[slurmd]}"
+        # -N: the node name in slurm.conf (slurmd would otherwise look itself up by hostname/address).
+        /usr/sbin/slurmd -N "$NODE" || fail_start "slurmd exited with an error"
+        log "started slurmd"
+    fi
+}
+
+node_state() { sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -n 1; }
+
+node_ready() { [[ $(node_state) =~ ^(idle|mix|mixed|alloc|allocated)$ ]]; }
+
+wait_node() {
+    local deadline=$((SECONDS + TIMEOUT)) state resumed=0
+    while ! node_ready; do
+        state=$(node_state)
+        # A node left down/drained by an earlier unclean stop: bring it back once.
+        if [[ $resumed == 0 && $state =~ ^(down|drain|drng|drained|fail)$ ]]; then
+            scontrol update nodename="$NODE" state=resume 2>/dev/null || true
+            resumed=1
+        fi
+        ((SECONDS < deadline)) || fail_start "node $NODE not ready after ${TIMEOUT}s (state '${state:-none}'; sinfo: $(sinfo -h -N -o '%N %t %E' 2>&1 | tr '\n' ' '))"
+        sleep 0.2
+    done
+    log "node $NODE is $(node_state)"
+}
+
+do_start() {
+    require_root
+    do_install
+    local t0=$SECONDS
+    ensure_hostname
+    if write_configs && { running slurmdbd || running slurmctld || running slurmd; }; then
+        log "configuration changed: restarting the Slurm daemons"
+        stop_slurm_daemons
+    fi
+    start_munge
+    start_mariadb
+    start_slurm
+    wait_node
+    log "up in $((SECONDS - t0)) s"
+}
+
+#----------------------------------------------------------------------------
+# stop / status
+
+stop_slurm_daemons() {
+    kill_daemon slurmd
+    kill_daemon slurmctld
+    kill_daemon slurmdbd
+}
+
+cancel_jobs() {
+    running slurmctld || return 0
+    local jobs
+    jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ')
+    [[ -n ${jobs// /} ]] || return 0
+    log "cancelling jobs: $jobs"
+    # shellcheck disable=SC2086
+    scancel $jobs 2>/dev/null || true
+    wait_until 20 "the cancelled jobs to end" sh -c '[ -z "$(squeue -h -o %A)" ]' || true
+}
+
+do_stop() {
+    require_root
+    cancel_jobs
+    stop_slurm_daemons
+    if running mariadbd; then
+        /etc/init.d/mariadb stop >/dev/null 2>&1 || true
+        running mariadbd && kill_daemon mariadbd
+        log "stopped mariadb"
+    fi
+    kill_daemon munged
+}
+
+do_status() {
+    local name pid rc=0
+    for name in munged mariadbd slurmdbd slurmctld slurmd; do
+        if pid=$(pid_of "$name"); then
+            echo "$name: running (pid $pid)"
+        else
+            echo "$name: stopped"
+            rc=3
+        fi
+    done
+    if running slurmctld; then
+        sinfo || true
+        squeue || true
+    fi
+    return $rc
+}
+
+case ${1:-} in
+    install) do_install ;;
+    start) do_start ;;
+    stop) do_stop ;;
+    status) do_status ;;
+    *) echo "usage: $0 {install|start|stop|status}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,162 @@
+"""Proof that the single-node Slurm testbed (scripts/slurm_testbed.sh) does what the launcher tests rely on, with
+submitit only: multi-task jobs, a real preemption by a job in the `high` partition (USR2, checkpoint, requeue, resume)
+and `scontrol requeue` of a running job. No project code is involved."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+submitit = pytest.importorskip('submitit')
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+# The job callables below are pickled by value: the job process cannot import this module (pytest imports it by path).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+#----------------------------------------------------------------------------
+# Job callables (they run inside Slurm jobs).
+
+def task_rank() -> tuple[int, int, str]:
+    return int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS']), os.environ['SLURM_JOB_PARTITION']
+
+def sleep_and_return(seconds: float) -> str:
+    time.sleep(seconds)
+    return f'{os.environ["SLURM_JOB_PARTITION"]}:{os.environ["SLURM_CPUS_ON_NODE"]}'
+
+def _lines(path: pathlib.Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+def _append(path: pathlib.Path, line: str) -> None:
+    with open(path, 'a') as f:
+        f.write(line + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+
+def _progress(workdir: pathlib.Path) -> int:
+    lines = _lines(workdir / 'progress')
+    return int(lines[-1]) if lines else 0
+
+class StepCounter(submitit.helpers.Checkpointable):
+    """Counts to `steps`, one step per `step_s` seconds. Each finished step is appended to workdir/progress and a run
+    resumes after the last one written; every start is logged to workdir/starts, every checkpoint() to
+    workdir/checkpoints. Returns the steps counted and the step each start resumed from."""
+
+    def __init__(self, workdir: str, steps: int, step_s: float):
+        self.workdir, self.steps, self.step_s = workdir, steps, step_s
+
+    def __call__(self) -> dict:
+        work = pathlib.Path(self.workdir)
+        done = _progress(work)
+        _append(work / 'starts', f'{done} {os.environ.get("SLURM_RESTART_COUNT", "0")}')
+        for step in range(done + 1, self.steps + 1):
+            time.sleep(self.step_s)
+            _append(work / 'progress', str(step))
+        return {'steps': _progress(work), 'starts': [int(s.split()[0]) for s in _lines(work / 'starts')]}
+
+    def checkpoint(self, *args, **kwargs):
+        # Called by submitit on rank 0 when USR2 arrives; the state lives in the progress file, so requeue as is.
+        _append(pathlib.Path(self.workdir) / 'checkpoints', str(_progress(pathlib.Path(self.workdir))))
+        return super().checkpoint(*args, **kwargs)
+
+#----------------------------------------------------------------------------
+# Helpers (test side).
+
+def _executor(folder: pathlib.Path, **params) -> 'submitit.AutoExecutor':
+    ex = submitit.AutoExecutor(folder=folder, cluster='slurm')
+    # timeout_min >= 11: submitit counts a USR2 after min(0.8 * limit, limit - 10 min) of walltime as a timeout.
+    ex.update_parameters(**{'nodes': 1, 'tasks_per_node': 1, 'cpus_per_task': 1, 'timeout_min': 20, **params})
+    return ex
+
+def _wait_for(predicate, timeout: float, what: str, jobs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            details = '\n'.join(f'--- job {j.job_id} state {j.state}\n{j.stderr() or ""}'[-3000:] for j in jobs)
+            pytest.fail(f'timed out after {timeout} s waiting for {what}\n{_squeue()}\n{details}')
+        time.sleep(0.25)
+
+def _wait_done(job, timeout: float) -> None:
+    _wait_for(job.done, timeout, f'job {job.job_id} to finish', jobs=[job])
+
+def _squeue() -> str:
+    return subprocess.run(['squeue', '-o', '%i %P %T %r %M'], capture_output=True, text=True).stdout
+
+def _sacct_states(job_id: str) -> list[str]:
+    """Every state the job's allocations went through (-D: also the runs before a requeue)."""
+    out = subprocess.run(['sacct', '-D', '-X', '-n', '-P', '-j', job_id, '-o', 'State'], capture_output=True, text=True, check=True)
+    return [line.split()[0] for line in out.stdout.split('\n') if line.strip()]
+
+@pytest.fixture
+def cancel_leftovers():
+    jobs = []
+    yield jobs
+    for job in jobs:
+        if not job.done():
+            job.cancel(check=False)
+
+def _check_counted(workdir: pathlib.Path, result: dict, steps: int) -> None:
+    assert result['steps'] == steps
+    assert [int(s) for s in _lines(workdir / 'progress')] == list(range(1, steps + 1)) # no step lost or repeated
+    assert len(result['starts']) == 2 and result['starts'][0] == 0 and 0 < result['starts'][1] < steps, result
+
+#----------------------------------------------------------------------------
+
+def test_two_tasks(slurm_cluster, tmp_path, cancel_leftovers):
+    t0 = time.monotonic()
+    job = _executor(tmp_path / 'jobs', tasks_per_node=2, timeout_min=5).submit(task_rank)
+    cancel_leftovers.append(job)
+    _wait_done(job, timeout=60)
+    assert sorted(job.results()) == [(0, 2, 'low'), (1, 2, 'low')]
+    print(f'2-task job {job.job_id} done in {time.monotonic() - t0:.1f} s')
+
+def test_preemption_checkpoints_and_resumes(slurm_cluster, tmp_path, cancel_leftovers):
+    """A job in `high` needing every CPU preempts the `low` job: USR2, checkpoint(), requeue, resume, right count."""
+    steps, work = 24, tmp_path / 'work'
+    work.mkdir()
+    t0 = time.monotonic()
+    low = _executor(tmp_path / 'jobs', slurm_partition=slurm_cluster.low).submit(StepCounter(str(work), steps, 0.5))
+    cancel_leftovers.append(low)
+    _wait_for(lambda: _progress(work) >= 3, 60, 'the low job to count 3 steps', jobs=[low])
+    high = _executor(tmp_path / 'jobs', slurm_partition=slurm_cluster.high, cpus_per_task=slurm_cluster.cpus,
+                     timeout_min=5).submit(sleep_and_return, 2.0)
+    cancel_leftovers.append(high)
+    t_high = time.monotonic()
+    _wait_for(lambda: _lines(work / 'checkpoints'), 30, 'checkpoint() of the preempted low job', jobs=[low, high])
+    t_signal = time.monotonic()
+    _wait_done(high, timeout=60)
+    assert high.result() == f'{slurm_cluster.high}:{slurm_cluster.cpus}'
+    _wait_done(low, timeout=90)
+    result = low.result()
+    _check_counted(work, result, steps)
+    assert _lines(work / 'checkpoints') == [str(result['starts'][1])] # resumed exactly where checkpoint() saw it
+    log = low.stderr() or ''
+    assert 'Caught signal SIGUSR2' in log and 'this job is preempted' in log, log[-3000:]
+    assert 'PREEMPTED' in _sacct_states(low.job_id) or 'REQUEUED' in _sacct_states(low.job_id), _sacct_states(low.job_id)
+    print(f'preemption: USR2+checkpoint {t_signal - t_high:.1f} s after the high job was submitted; states '
+          f'{_sacct_states(low.job_id)}; resumed at step {result["starts"][1]}; low job done '
+          f'{time.monotonic() - t0:.1f} s after submission')
+
+def test_scontrol_requeue_resumes(slurm_cluster, tmp_path, cancel_leftovers):
+    """`scontrol requeue` kills the running job (no USR2) and reruns it; it resumes from its progress file."""
+    steps, work = 24, tmp_path / 'work'
+    work.mkdir()
+    t0 = time.monotonic()
+    job = _executor(tmp_path / 'jobs').submit(StepCounter(str(work), steps, 0.5))
+    cancel_leftovers.append(job)
+    _wait_for(lambda: _progress(work) >= 3, 60, 'the job to count 3 steps', jobs=[job])
+    subprocess.run(['scontrol', 'requeue', job.job_id], check=True, timeout=30)
+    t_requeue = time.monotonic()
+    _wait_for(lambda: len(_lines(work / 'starts')) >= 2, 60, 'the requeued job to restart', jobs=[job])
+    t_restart = time.monotonic()
+    _wait_done(job, timeout=60)
+    result = job.result()
+    _check_counted(work, result, steps)
+    assert not _lines(work / 'checkpoints') # requeue sends no USR2: nothing called checkpoint()
+    assert _lines(work / 'starts')[1].split()[1] == '1' # SLURM_RESTART_COUNT
+    print(f'scontrol requeue: restarted after {t_restart - t_requeue:.1f} s at step {result["starts"][1]}; '
+          f'done {time.monotonic() - t0:.1f} s after submission')
