@@ -32,3 +32,11 @@ def s3_env(s3_endpoint, monkeypatch):
     for key, value in s3_endpoint.env().items():
         monkeypatch.setenv(key, value)
     return s3_endpoint
+
+#----------------------------------------------------------------------------
+# A real single-node Slurm (scripts/slurm_testbed.sh), one per test session.
+
+@pytest.fixture(scope='session')
+def slurm_cluster():
+    """SlurmTestbed (node, cpus, low and high partitions) of the running single-node Slurm."""
+    yield from load_helper('services/slurm.py').testbed_session()

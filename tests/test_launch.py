@@ -31,16 +31,16 @@ def test_small_run_improves_on_initialisation(tmp_path):
     scalars = [json.loads(line) for line in (run_dir / 'train.jsonl').read_text().splitlines()]
     assert scalars[-1]['nimg'] >= 6000 and all('loss/gen' in s for s in scalars)
 
-    # The same seeds through the generator at initialisation (the teacher itself as the kernel).
+    # The same seeds through the generator at initialisation (the teacher itself as the one-step kernel).
     cfg = load_config(args)
     teacher = tasks.get_teacher(cfg, torch.device('cpu'))
     world = tasks.make_world(cfg)
     mu, sigma = (m.numpy() for m in world.moments())
-    for K in (1, 2):
-        acc = sampler_moments(cosim_spec(teacher, K, tasks.noise_range(cfg)), range(2000), world.shape, 10, 500,
-                              torch.device('cpu'))
-        at_init = frechet_to_reference(acc, mu, sigma)
-        assert rows[f'CoSIM K={K}']['frechet_distance'] < 0.8 * at_init, (K, rows, at_init)
+    floor = rows['exact samples (noise floor)']['frechet_distance']          # sampling noise at 2000 samples
+    acc = sampler_moments(cosim_spec(teacher, 1, tasks.noise_range(cfg)), range(2000), world.shape, 10, 500,
+                          torch.device('cpu'))
+    at_init = frechet_to_reference(acc, mu, sigma)
+    assert at_init - rows['CoSIM K=1']['frechet_distance'] > 5 * floor, (rows, at_init)
 
 @pytest.mark.slow
 def test_rerun_resumes_and_reuses_teacher(tmp_path):
