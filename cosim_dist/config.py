@@ -98,6 +98,14 @@ class TrainConfig:
     checkpoint_kimg: float = 20.0    # training-state checkpoint interval (0 = only at the end / on stop)
 
 @dataclasses.dataclass
+class CheckpointConfig:
+    url: str | None = None           # file path, file:// or s3:// prefix for checkpoints (default: <run dir>/checkpoints)
+    staging: str | None = None       # rank-local staging directory (default: <run dir>/staging)
+    keep: int = 2                    # committed checkpoints to retain
+    async_upload: bool = True        # upload in a background thread while training continues
+    endpoint_url: str | None = None  # S3 endpoint (default: $AWS_ENDPOINT_URL or AWS)
+
+@dataclasses.dataclass
 class PretrainConfig:
     kimg: float = 300.0              # toy teacher training length in kimg
     batch: int = 256                 # batch size
@@ -133,6 +141,7 @@ class Config:
     kernel: KernelConfig = dataclasses.field(default_factory=KernelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
@@ -267,6 +276,29 @@ def config_hash(section: Any) -> str:
     """Short stable hash of a config section (used to key caches and detect incompatible resumes)."""
     blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+RESUME_SECTIONS = ('run.seed', 'model', 'aux', 'data', 'schedule', 'kernel', 'loss', 'engine.backend', 'engine.zero_stage',
+                   'train.batch', 'train.lr_g', 'train.lr_aux', 'train.beta1', 'train.beta2', 'train.eps',
+                   'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen')
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(f'{prefix}.{key}', sub).items()}
+    return {prefix: value}
+
+def resume_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The settings a checkpoint must be resumed with (train.kimg, logging, eval may change)."""
+    return {k: v for key in RESUME_SECTIONS for k, v in _flatten(key, _get(cfg, key)).items()}
+
+def check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raise ConfigError listing every setting that differs from the checkpoint's."""
+    diff = [f'{k}: {saved.get(k, "<unset>")!r} in the checkpoint, {now.get(k, "<unset>")!r} now'
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError('cannot resume: the config differs from the checkpoint\'s (' + '; '.join(diff)
+                          + '); restore these values or start a new run with run.name=...')
 
 def save_config(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:
     """Write the resolved YAML to <run_dir>/config.yaml."""

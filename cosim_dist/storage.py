@@ -55,6 +55,7 @@ class ObjectStore(Protocol):
 
     def put_file(self, path: str | os.PathLike, key: str) -> None: ...     # upload a local file
     def put_bytes(self, data: bytes, key: str) -> None: ...                 # store bytes
+    def create(self, data: bytes, key: str) -> bool: ...                    # store bytes only if the key is new
     def get_file(self, key: str, path: str | os.PathLike) -> None: ...     # download to a local path (atomic)
     def read(self, key: str) -> bytes: ...                                  # whole object in memory
     def open(self, key: str) -> BinaryIO: ...                               # streaming read; close it after use
@@ -99,6 +100,20 @@ class LocalStore:
 
     def put_bytes(self, data: bytes, key: str) -> None:
         _atomic(self._path(key), lambda tmp: tmp.write_bytes(data))
+
+    def create(self, data: bytes, key: str) -> bool:
+        """Create-only write: a complete temporary hard-linked into place fails if the key exists."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
+        try:
+            tmp.write_bytes(data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         _atomic(pathlib.Path(path), lambda tmp: shutil.copyfile(self._path(key), tmp))
@@ -167,6 +182,17 @@ class S3Store:
 
     def put_bytes(self, data: bytes, key: str) -> None:
         self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer)
+
+    def create(self, data: bytes, key: str) -> bool:
+        """Create-only write (`If-None-Match: *`): False if the key already exists."""
+        import botocore.exceptions
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch='*')
+        except botocore.exceptions.ClientError as e:
+            if e.response.get('Error', {}).get('Code') in ('PreconditionFailed', '412', 'ConditionalRequestConflict'):
+                return False
+            raise
+        return True
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         import botocore.exceptions

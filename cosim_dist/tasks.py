@@ -9,8 +9,9 @@ import time
 import torch
 
 from . import cosim
-from .checkpoint import LocalCheckpointer
-from .config import Config, ConfigError, batch_layout, config_hash, save_config
+from .checkpoint import CheckpointManager
+from .storage import StorageConfig
+from .config import Config, ConfigError, batch_layout, config_hash, resume_fingerprint, save_config
 from . import distributed
 from .distributed import DistEnv
 from .engines import DeepSpeedEngine, TorchEngine, place_teacher
@@ -127,6 +128,12 @@ def make_engine(cfg: Config, net: torch.nn.Module, lr: float, env: DistEnv):
     return DeepSpeedEngine(net, lr, (t.beta1, t.beta2), t.eps, micro_batch=batch_gpu, accum=rounds,
                            world_size=env.world_size, zero_stage=e.zero_stage)
 
+def make_checkpointer(cfg: Config, env: DistEnv) -> CheckpointManager:
+    c = cfg.checkpoint
+    return CheckpointManager(c.url or str(cfg.run_dir / 'checkpoints'), pathlib.Path(c.staging or cfg.run_dir / 'staging'),
+                             rank=env.rank, keep=c.keep, async_upload=c.async_upload,
+                             storage=StorageConfig(endpoint_url=c.endpoint_url))
+
 def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
                   should_stop=lambda: False) -> Trainer:
     """Generator and auxiliary initialised from the teacher (fp32), their engines, data, schedule, checkpoints."""
@@ -142,8 +149,8 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
                    data=make_stream(cfg, batch_gpu, cfg.run.seed + 2, env), schedule=schedule, train=t, loss=cfg.loss,
                    kernel=cfg.kernel, sigma_data=cfg.model.sigma_data, seed=cfg.run.seed,
                    logger=make_logger(cfg, 'train', env.rank), device=device, precision=cfg.engine.precision,
-                   checkpointer=LocalCheckpointer(cfg.run_dir / 'checkpoints', rank=env.rank), should_stop=should_stop,
-                   rank=env.rank, world_size=env.world_size, batch_gpu=batch_gpu)
+                   checkpointer=make_checkpointer(cfg, env), should_stop=should_stop,
+                   rank=env.rank, world_size=env.world_size, batch_gpu=batch_gpu, fingerprint=resume_fingerprint(cfg))
 
 def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
            should_stop=lambda: False) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 import torch
 
 from . import cosim
-from .config import KernelConfig, LossConfig, TrainConfig
+from .config import KernelConfig, LossConfig, TrainConfig, check_resume
 from .distributed import any_rank, rank_mean
 from .engines import autocast
 from .logging import RunLogger, log
@@ -27,6 +27,7 @@ class Checkpointer(Protocol):
     def latest(self) -> pathlib.Path | None: ...        # local directory of the newest committed checkpoint
     def stage(self, nimg: int) -> pathlib.Path: ...     # collective: local directory to write a checkpoint into
     def commit(self, nimg: int) -> None: ...            # collective: every rank wrote; make it the newest
+    def close(self) -> None: ...                        # collective: finish pending uploads
 
 def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed derived from the run seed and counters (EDM2's per-step reseeding)."""
@@ -53,12 +54,12 @@ class Trainer:
                  schedule: cosim.TimeSchedule, train: TrainConfig, loss: LossConfig, kernel: KernelConfig,
                  sigma_data: float, seed: int, logger: RunLogger, device: torch.device, precision: str = 'fp32',
                  checkpointer: Checkpointer | None = None, should_stop: Callable[[], bool] = lambda: False,
-                 rank: int = 0, world_size: int = 1, batch_gpu: int | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, batch_gpu: int | None = None, fingerprint: dict | None = None) -> None:
         self.teacher, self.g, self.aux, self.data = teacher, g_engine, aux_engine, data
         self.schedule, self.train_cfg, self.loss_cfg, self.kernel_cfg = schedule, train, loss, kernel
         self.sigma_data, self.seed, self.logger, self.device, self.precision = sigma_data, seed, logger, device, precision
         self.checkpointer, self.should_stop = checkpointer, should_stop
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint or {}
         self.batch_gpu = batch_gpu or train.batch // world_size
         self.rounds = train.batch // (self.batch_gpu * world_size)
         self.alpha = cosim.generator_alpha(loss.lmbda, loss.alpha)
@@ -73,16 +74,19 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         path = self.checkpointer.stage(self.state.nimg)
-        client = {'state': dataclasses.asdict(self.state), 'ema': self.ema.state_dict(), 'data': self.data.state_dict()}
+        client = {'state': dataclasses.asdict(self.state), 'ema': self.ema.state_dict(), 'data': self.data.state_dict(),
+                  'config': self.fingerprint}
         self.g.save(path / 'g', client_state=client)
         self.aux.save(path / 'aux')
         self.checkpointer.commit(self.state.nimg)
+        self.saved_nimg = self.state.nimg
 
     def load_checkpoint(self) -> bool:
         path = self.checkpointer.latest() if self.checkpointer is not None else None
         if path is None:
             return False
         client = self.g.load(path / 'g')
+        check_resume(client.get('config', {}), self.fingerprint)
         self.aux.load(path / 'aux')
         self.state = TrainState(**client['state'])
         self.ema.load_state_dict(client['ema'])
@@ -166,7 +170,7 @@ class Trainer:
         should_stop() is true (agreed at a step boundary), after saving a checkpoint."""
         cfg = self.train_cfg
         self.load_checkpoint()
-        start_nimg = self.state.nimg
+        self.saved_nimg = self.state.nimg
         total, batch = int(cfg.kimg * 1000), cfg.batch
         self.logger.start(total, min(self.state.nimg, total), 'distil')
         next_log = self.state.nimg + cfg.log_kimg * 1000
@@ -195,7 +199,9 @@ class Trainer:
             if self.checkpointer is not None and cfg.checkpoint_kimg > 0 and self.state.nimg >= next_ckpt and not done:
                 self.save_checkpoint()
                 next_ckpt += cfg.checkpoint_kimg * 1000
-        if self.checkpointer is not None and self.state.nimg != start_nimg:
-            self.save_checkpoint()
+        if self.checkpointer is not None:
+            if self.state.nimg != self.saved_nimg:
+                self.save_checkpoint()
+            self.checkpointer.close()
         self.logger.close()
         return self.state

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from cosim_dist import tasks
-from cosim_dist.checkpoint import LocalCheckpointer
-from cosim_dist.config import load_config
+from cosim_dist.config import ConfigError, load_config
 
 ARGS = ['train.kimg=0.256', 'train.batch=32', 'train.checkpoint_kimg=0.064', 'logging.wandb=disabled',
         'logging.progress=false', 'model.net.model_channels=16']
@@ -59,13 +58,9 @@ def test_nan_samples_are_dropped_and_counted(tmp_path):
     assert torch.isfinite(torch.tensor(loss)) and trainer.state.nan_dropped == 2
     assert torch.isfinite(params(trainer.g.module)).all() and torch.isfinite(params(trainer.aux.module)).all()
 
-def test_checkpointer_commits_last_and_keeps_k(tmp_path):
-    ck = LocalCheckpointer(tmp_path, keep=2)
-    for nimg in (1, 2, 3):
-        (ck.stage(nimg) / 'g').mkdir(parents=True)
-        ck.commit(nimg)
-    assert [p.name for p in ck.committed()] == ['step-000000000002', 'step-000000000003']
-    (ck.stage(4) / 'g').mkdir(parents=True)                       # staged but never committed: ignored
-    assert ck.latest().name == 'step-000000000003'
-    with pytest.raises(FileExistsError, match='already committed'):
-        ck.stage(3)
+def test_resume_with_a_different_config_is_an_error(tmp_path):
+    _, trainer = build(tmp_path)
+    trainer.train()
+    _, changed = build(tmp_path, 'loss.lmbda=2.0', 'train.kimg=1')
+    with pytest.raises(ConfigError, match=r"loss.lmbda: 1.0 in the checkpoint, 2.0 now"):
+        changed.train()
