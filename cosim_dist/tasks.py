@@ -224,6 +224,8 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     if env.rank != 0:
         teacher = get_teacher(cfg, device)                 # the toy teacher is cached by rank 0 by now
     G = distil(cfg, teacher, device, env, should_stop) if cfg.task in ('train', 'default') else None
+    if should_stop():
+        return None
     rows = None
     if cfg.task in ('eval', 'default') and env.rank == 0:
         if G is None:

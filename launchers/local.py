@@ -1,22 +1,28 @@
 """Local launcher: run a task in this process, or start N processes on this machine (torchrun-style)."""
 
 import os
+import signal
 import subprocess
 import sys
 
 from cosim_dist import distributed
 from cosim_dist.config import Config
-from cosim_dist.logging import setup_console
+from cosim_dist.logging import log, setup_console
+from launchers.signals import StopFlag
 
 def launch_local(cfg: Config) -> None:
-    """Run cfg.task in this process (a single process, or one rank started by torchrun or srun)."""
+    """Run cfg.task in this process (a single process, or one rank started by torchrun or srun). SIGUSR2 or SIGTERM
+    stops training at the next step boundary with a checkpoint; running the same command again resumes."""
     from cosim_dist import tasks
     env = distributed.discover()
     setup_console(env.rank)
+    stop = StopFlag((signal.SIGUSR2, signal.SIGTERM))
     try:
-        tasks.run(cfg, env)
+        tasks.run(cfg, env, should_stop=stop)
     finally:
         distributed.shutdown()
+    if stop():
+        log.info('stopped early with a checkpoint: run the same command again to resume')
 
 def launch_processes(nproc: int, overrides: list[str]) -> int:
     """Start `nproc` ranks of `launch.py overrides` through torch.distributed.run on 127.0.0.1."""
