@@ -49,16 +49,24 @@ def generate(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], label_dim:
         z, c, noise = seeded_inputs(range(start, min(start + batch, seeds.stop)), shape, label_dim, spec.extra_draws, device)
         on_batch(spec.fn(z, c, noise))
 
+def rank_seeds(seeds: range, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of the seeds (image i always uses seed i, whatever the world size)."""
+    per = -(-len(seeds) // world_size)
+    return range(seeds.start + rank * per, min(seeds.start + (rank + 1) * per, seeds.stop))
+
 def sampler_moments(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], label_dim: int, batch: int,
-                    device: torch.device, progress: Callable[[int], None] = lambda n: None) -> MomentAccumulator:
-    """Pixel-space float64 moments of a sampler's images."""
+                    device: torch.device, progress: Callable[[int], None] = lambda n: None, rank: int = 0,
+                    world_size: int = 1) -> MomentAccumulator:
+    """Pixel-space float64 moments of a sampler's images, generated across ranks and all-reduced."""
     acc = MomentAccumulator(int(torch.tensor(shape).prod()))
+    seeds = rank_seeds(seeds, rank, world_size)
 
     def consume(images: torch.Tensor) -> None:
         acc.update(images.flatten(1))
         progress(images.shape[0])
 
     generate(spec, seeds, shape, label_dim, batch, device, consume)
+    acc.all_reduce()
     return acc
 
 #----------------------------------------------------------------------------

@@ -17,6 +17,17 @@ class MomentAccumulator:
         self.sum += f.sum(0)
         self.outer += f.T @ f
 
+    def all_reduce(self) -> None:
+        """Sum the statistics of every rank (float64), so that every rank holds the global moments."""
+        if not torch.distributed.is_initialized():
+            return
+        device = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
+        flat = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum, self.outer.flatten()]).to(device)
+        torch.distributed.all_reduce(flat)
+        flat = flat.cpu()
+        d = len(self.sum)
+        self.n, self.sum, self.outer = int(flat[0].item()), flat[1:1 + d], flat[1 + d:].reshape(d, d)
+
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         mu = self.sum / self.n
         sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)

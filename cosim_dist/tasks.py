@@ -164,25 +164,29 @@ def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: Dis
 #----------------------------------------------------------------------------
 # Toy evaluation: Frechet distance to the exact ground-truth moments.
 
-def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, device: torch.device) -> list[dict]:
+def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, device: torch.device,
+                 env: DistEnv = DistEnv()) -> list[dict]:
+    """Collective: every rank generates its share of the seeds; rank 0 writes eval.json and samples.png."""
     world, e, noise = make_world(cfg), cfg.eval, noise_range(cfg)
     shape, label_dim = world.shape, cfg.model.label_dim
     ref_mu, ref_sigma = (m.numpy() for m in world.moments())
     seeds = range(e.seed, e.seed + e.num_samples)
     specs = [heun_spec(teacher, e.heun_steps, noise)] + [cosim_spec(G, K, noise, e.grid_scale) for K in e.steps]
-    logger = make_logger(cfg, 'eval')
+    logger = make_logger(cfg, 'eval', env.rank)
     logger.start(e.num_samples * (len(specs) + 1), 0, 'evaluate')
     rows = []
     exact = exact_moments(world, e.num_samples, e.seed, e.batch)
     logger.advance(e.num_samples)
     rows.append({'name': 'exact samples (noise floor)', 'nfe': 0, 'frechet_distance': frechet_to_reference(exact, ref_mu, ref_sigma)})
     for spec in specs:
-        acc = sampler_moments(spec, seeds, shape, label_dim, e.batch, device, logger.advance)
+        acc = sampler_moments(spec, seeds, shape, label_dim, e.batch, device, logger.advance, env.rank, env.world_size)
         rows.append({'name': spec.name, 'nfe': spec.nfe, 'frechet_distance': frechet_to_reference(acc, ref_mu, ref_sigma)})
         logger.scalars(0, {f'eval/{spec.name}': rows[-1]['frechet_distance']})
     logger.close()
-    write_results(rows, cfg.run_dir / 'eval.json')
-    _write_sample_grid(cfg, world, specs, device)
+    grid = _sample_grid(cfg, world, specs, device)
+    if env.rank == 0:
+        write_results(rows, cfg.run_dir / 'eval.json')
+        save_image_grid(grid, cfg.run_dir / 'samples.png', rows=len(specs) + 1)
     return rows
 
 def exact_moments(world: GMMWorld, n: int, seed: int, batch: int) -> MomentAccumulator:
@@ -192,14 +196,14 @@ def exact_moments(world: GMMWorld, n: int, seed: int, batch: int) -> MomentAccum
         acc.update(world.sample(min(batch, n - start), gen)[0].flatten(1))
     return acc
 
-def _write_sample_grid(cfg: Config, world: GMMWorld, specs, device: torch.device, cols: int = 20) -> None:
-    """samples.png: one row per sampler (ground truth first), the same seeds and labels in every row."""
+def _sample_grid(cfg: Config, world: GMMWorld, specs, device: torch.device, cols: int = 20) -> torch.Tensor:
+    """Images for samples.png: one row per sampler (ground truth first), the same seeds and labels in every row."""
     z, c, _ = seeded_inputs(range(cols), world.shape, cfg.model.label_dim, 0, device)
     rows = [world.sample(cols, torch.Generator().manual_seed(0), labels=c.argmax(1).cpu())[0].to(device)]
     for spec in specs:
         _, _, noise = seeded_inputs(range(cols), world.shape, cfg.model.label_dim, spec.extra_draws, device)
         rows.append(spec.fn(z, c, noise))
-    save_image_grid(torch.cat(rows), cfg.run_dir / 'samples.png', rows=len(rows))
+    return torch.cat(rows)
 
 #----------------------------------------------------------------------------
 
@@ -227,11 +231,12 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     if should_stop():
         return None
     rows = None
-    if cfg.task in ('eval', 'default') and env.rank == 0:
+    if cfg.task in ('eval', 'default'):
         if G is None:
             G = load_network_file(run_dir / 'generator.pt').to(device)
-        rows = evaluate_toy(cfg, teacher.float(), G, device)
-        print(format_table(rows))
-        log.info(f'results in {run_dir / "eval.json"}, samples in {run_dir / "samples.png"}')
+        rows = evaluate_toy(cfg, teacher, G, device, env)
+        if env.rank == 0:
+            print(format_table(rows))
+            log.info(f'results in {run_dir / "eval.json"}, samples in {run_dir / "samples.png"}')
     log.info(f'done in {time.time() - t0:.0f} s')
     return rows

@@ -11,13 +11,14 @@
 #
 # Partitions: `low` (default, PriorityTier=1, GraceTime=30, preemptible by REQUEUE) and `high` (PriorityTier=10,
 # PreemptMode=OFF). The node declares CPUs=4 whatever the machine has: a job in `high` asking for 4 CPUs preempts `low`.
-# Environment: SLURM_TESTBED_CLUSTER (cluster name, default cosim), SLURM_TESTBED_TIMEOUT (seconds to wait for the
-# node, default 60).
+# Environment: SLURM_TESTBED_TIMEOUT (seconds to wait for the node, default 60).
+# Files: /etc/slurm/{slurm,slurmdbd}.conf, logs in /var/log/slurm, state in /var/lib/slurm, pid files in /run.
 set -euo pipefail
 
-CLUSTER=${SLURM_TESTBED_CLUSTER:-cosim}
+CLUSTER=cosim
 TIMEOUT=${SLURM_TESTBED_TIMEOUT:-60}
 NODE=$(hostname -s)
+SLURMD_STARTED_AT= # set when this run starts slurmd
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 CONF_DIR=/etc/slurm
 LOG_DIR=/var/log/slurm
@@ -59,12 +60,16 @@ do_install() {
         printf '#!/bin/sh\nexit 101\n' >"$policy"
         chmod 755 "$policy"
         made_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT # also when interrupted
     fi
-    log "installing: $(echo $missing)"
+    log "installing: ${missing//$'\n'/ }"
     local rc=0
     { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"; } \
         >/tmp/slurm_testbed_install.log 2>&1 || rc=$?
-    [[ $made_policy == 1 ]] && rm -f "$policy"
+    if [[ $made_policy == 1 ]]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
     if [[ $rc != 0 ]]; then
         tail -n 30 /tmp/slurm_testbed_install.log >&2
         die "apt-get failed (rc $rc); full log in /tmp/slurm_testbed_install.log"
@@ -79,7 +84,7 @@ pid_of() { # prints the pid of daemon $1 if its pid file names a live process of
     local f=${PIDFILE[$1]} pid
     [[ -r $f ]] || return 1
     pid=$(tr -dc '0-9' <"$f")
-    [[ -n $pid && -r /proc/$pid/comm && $(cat /proc/$pid/comm) == "$1" ]] || return 1
+    [[ -n $pid && -r /proc/$pid/comm && $(cat "/proc/$pid/comm") == "$1" ]] || return 1
     echo "$pid"
 }
 
@@ -95,28 +100,40 @@ wait_until() { # wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0
     done
 }
 
-kill_daemon() { # SIGTERM, then SIGKILL after 10 s
-    local name=$1 pid i
-    pid=$(pid_of "$name") || { rm -f "${PIDFILE[$name]}"; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
+kill_daemons() { # SIGTERM to each named daemon at once, SIGKILL to those still alive after 10 s
+    local name pid i alive
+    local -A pids=()
+    for name in "$@"; do
+        if pid=$(pid_of "$name"); then
+            pids[$name]=$pid
+            kill -TERM "$pid" 2>/dev/null || true
+        else
+            rm -f "${PIDFILE[$name]}"
+        fi
+    done
     for ((i = 0; i < 50; i++)); do
-        [[ -d /proc/$pid ]] || break
+        alive=0
+        for pid in "${pids[@]}"; do [[ -d /proc/$pid ]] && alive=1; done
+        [[ $alive == 0 ]] && break
         sleep 0.2
     done
-    if [[ -d /proc/$pid ]]; then
-        log "$name ($pid) ignored SIGTERM for 10 s: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "${PIDFILE[$name]}"
-    log "stopped $name ($pid)"
+    for name in "${!pids[@]}"; do
+        pid=${pids[$name]}
+        if [[ -d /proc/$pid ]]; then
+            log "$name ($pid) ignored SIGTERM for 10 s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        rm -f "${PIDFILE[$name]}"
+        log "stopped $name ($pid)"
+    done
 }
 
-show_logs() {
+show_logs() { # the last lines of each daemon's log, the node daemon's last (nearest to the error message)
     local f
-    for f in "$LOG_DIR"/slurmdbd.log "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log /var/log/munge/munged.log; do
+    for f in /var/log/munge/munged.log "$LOG_DIR"/slurmdbd.log "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log; do
         [[ -r $f ]] || continue
-        echo "----- tail $f" >&2
-        tail -n 25 "$f" >&2
+        echo "----- $f" >&2
+        grep -v -e 'mpi/pmix' -e 'PMIx' -e 'MPI: Cannot' "$f" | tail -n 15 >&2 || true
     done
 }
 
@@ -160,6 +177,7 @@ SlurmdLogFile=$LOG_DIR/slurmd.log
 SlurmctldPort=6817
 SlurmdPort=6818
 MpiDefault=none
+MailProg=/bin/true
 # No cgroups (containers, no systemd): no cgroup.conf on purpose.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -236,7 +254,9 @@ start_munge() {
 start_mariadb() {
     if ! running mariadbd; then
         install -d -o mysql -g mysql -m 755 /run/mysqld
-        /etc/init.d/mariadb start >/tmp/slurm_testbed_mariadb.log 2>&1 \
+        # setsid: mysqld_safe does not daemonize; keep it out of the caller's process group (a test runner killing
+        # its group must not take mariadb down).
+        setsid -w /etc/init.d/mariadb start </dev/null >/tmp/slurm_testbed_mariadb.log 2>&1 \
             || { cat /tmp/slurm_testbed_mariadb.log >&2; fail_start "mariadb did not start"; }
         log "started mariadb ($(pid_of mariadbd || echo '?'))"
     fi
@@ -254,6 +274,12 @@ cluster_registered() { sacctmgr -n -P list cluster format=cluster 2>/dev/null | 
 
 start_slurm() {
     install -d -o slurm -g slurm -m 755 "$LOG_DIR" "$STATE_DIR" "$STATE_DIR/slurmctld"
+    # slurmctld refuses to start on the saved state of another cluster name: the state is throwaway.
+    local saved=$STATE_DIR/slurmctld/clustername
+    if [[ -f $saved && $(cat "$saved") != "$CLUSTER" ]] && ! running slurmctld; then
+        log "discarding the saved slurmctld state of cluster '$(cat "$saved")'"
+        find "$STATE_DIR/slurmctld" -mindepth 1 -delete
+    fi
     install -d -o root -g root -m 755 "$STATE_DIR/slurmd"
     if ! running slurmdbd; then
         rm -f "${PIDFILE[slurmdbd]}"
@@ -273,6 +299,7 @@ start_slurm() {
     wait_until 30 "slurmctld" scontrol ping || fail_start "slurmctld does not answer scontrol ping"
     if ! running slurmd; then
         rm -f "${PIDFILE[slurmd]}"
+        SLURMD_STARTED_AT=$(date +%Y-%m-%dT%H:%M:%S)
         # -N: the node name in slurm.conf (slurmd would otherwise look itself up by hostname/address).
         /usr/sbin/slurmd -N "$NODE" || fail_start "slurmd exited with an error"
         log "started slurmd"
@@ -281,11 +308,20 @@ start_slurm() {
 
 node_state() { sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -n 1; }
 
-node_ready() { [[ $(node_state) =~ ^(idle|mix|mixed|alloc|allocated)$ ]]; }
+slurmd_start_time() { scontrol show node "$NODE" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2; }
+
+node_ready() {
+    [[ $(node_state) =~ ^(idle|mix|mixed|alloc|allocated)$ ]] || return 1
+    # sinfo lags behind a slurmd that just died or restarted: when we started slurmd, wait for its registration.
+    [[ -z ${SLURMD_STARTED_AT:-} || ! $(slurmd_start_time) < $SLURMD_STARTED_AT ]]
+}
 
 wait_node() {
-    local deadline=$((SECONDS + TIMEOUT)) state resumed=0
+    local deadline=$((SECONDS + TIMEOUT)) state resumed=0 name
     while ! node_ready; do
+        for name in slurmdbd slurmctld slurmd; do
+            running "$name" || fail_start "$name died (see its log below)"
+        done
         state=$(node_state)
         # A node left down/drained by an earlier unclean stop: bring it back once.
         if [[ $resumed == 0 && $state =~ ^(down|drain|drng|drained|fail)$ ]]; then
@@ -295,6 +331,7 @@ wait_node() {
         ((SECONDS < deadline)) || fail_start "node $NODE not ready after ${TIMEOUT}s (state '${state:-none}'; sinfo: $(sinfo -h -N -o '%N %t %E' 2>&1 | tr '\n' ' '))"
         sleep 0.2
     done
+    running slurmd || fail_start "slurmd died (see its log below)"
     log "node $NODE is $(node_state)"
 }
 
@@ -318,9 +355,8 @@ do_start() {
 # stop / status
 
 stop_slurm_daemons() {
-    kill_daemon slurmd
-    kill_daemon slurmctld
-    kill_daemon slurmdbd
+    kill_daemons slurmd slurmctld
+    kill_daemons slurmdbd # last: slurmctld reports to it while shutting down
 }
 
 cancel_jobs() {
@@ -331,6 +367,7 @@ cancel_jobs() {
     log "cancelling jobs: $jobs"
     # shellcheck disable=SC2086
     scancel $jobs 2>/dev/null || true
+    # shellcheck disable=SC2016 # expanded by sh
     wait_until 20 "the cancelled jobs to end" sh -c '[ -z "$(squeue -h -o %A)" ]' || true
 }
 
@@ -338,12 +375,7 @@ do_stop() {
     require_root
     cancel_jobs
     stop_slurm_daemons
-    if running mariadbd; then
-        /etc/init.d/mariadb stop >/dev/null 2>&1 || true
-        running mariadbd && kill_daemon mariadbd
-        log "stopped mariadb"
-    fi
-    kill_daemon munged
+    kill_daemons mariadbd munged # mariadbd shuts down cleanly on SIGTERM
 }
 
 do_status() {

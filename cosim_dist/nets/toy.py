@@ -19,8 +19,8 @@ class FourierEmbedding(nn.Module):
         self.register_buffer('freqs', torch.exp(-math.log(1e3) * torch.arange(dim // 2) / (dim // 2)))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        x = c_noise.reshape(-1, 1) * self.freqs
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        x = c_noise.reshape(-1, 1).float() * self.freqs.float()
+        return torch.cat([x.cos(), x.sin()], dim=1).to(self.freqs.dtype)
 
 class NoiseMLP(nn.Module):
     """Noise-level path: Fourier features -> Linear -> SiLU -> Linear."""
@@ -132,6 +132,7 @@ class ToyPrecond(nn.Module):
             class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         c_noise_t = None if sigma_t is None else edm_coefficients(as_batch_sigma(sigma_t, x), self.sigma_data)[3]
-        F_x = self.model(c_in * x, c_noise.flatten(), class_labels.to(torch.float32),
+        dtype = self.model.conv_in.weight.dtype          # bf16 for a low-precision teacher, else fp32
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels.to(dtype),
                          None if c_noise_t is None else c_noise_t.flatten())
         return c_skip * x + c_out * F_x.to(torch.float32)

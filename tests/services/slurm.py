@@ -14,6 +14,7 @@ only if this session started it (SLURM_TESTBED_KEEP=1 leaves it running).
 import dataclasses
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -42,9 +43,27 @@ def required() -> bool:
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
+def _controller_listening(timeout: float = 1.0) -> bool:
+    """Whether slurm.conf's controller accepts TCP connections (sinfo alone takes ~10 s to give up on a dead one)."""
+    conf = pathlib.Path(os.environ.get('SLURM_CONF', '/etc/slurm/slurm.conf'))
+    try:
+        text = conf.read_text()
+    except OSError:
+        return False
+    settings = dict(re.findall(r'^\s*(SlurmctldHost|ControlMachine|ControlAddr|SlurmctldPort)\s*=\s*(\S+)', text, re.M | re.I))
+    settings = {k.lower(): v for k, v in settings.items()}
+    host = settings.get('slurmctldhost') or settings.get('controlmachine') or 'localhost'
+    host = settings.get('controladdr') or (re.search(r'\((.+)\)', host) or re.match(r'([^(]+)', host)).group(1)
+    port = int(settings.get('slurmctldport', '6817').split('-')[0])
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
 def slurm_available() -> bool:
     """True if a Slurm controller answers here and has the testbed's partitions `low` and `high`."""
-    if shutil.which('sinfo') is None:
+    if shutil.which('sinfo') is None or not _controller_listening():
         return False
     try:
         out = _run(['sinfo', '-h', '-o', '%R'], timeout=10)
@@ -93,7 +112,7 @@ def testbed_session() -> Iterator[SlurmTestbed]:
         reason = cannot_start_reason()
         if reason is not None:
             if required():
-                raise RuntimeError(f'CI is set but {reason}; run `sudo {SCRIPT} install` before the tests')
+                raise RuntimeError(f'CI is set but {reason}; run the tests as root or start the testbed first: `sudo {SCRIPT} start`')
             pytest.skip(f'{reason}; start it with `sudo {SCRIPT} start`, or deselect with -m "not slurm"')
         start()
         started = True

@@ -134,9 +134,11 @@ def test_preemption_checkpoints_and_resumes(slurm_cluster, tmp_path, cancel_left
     result = low.result()
     _check_counted(work, result, steps)
     assert _lines(work / 'checkpoints') == [str(result['starts'][1])] # resumed exactly where checkpoint() saw it
-    log = low.stderr() or ''
-    assert 'Caught signal SIGUSR2' in log and 'this job is preempted' in log, log[-3000:]
+    log = low.stdout() or '' # submitit logs INFO and up to the task's stdout (WARNING and up also to stderr)
+    for line in ('Caught signal SIGUSR2', 'this job is preempted', 'Calling checkpoint method', f'Requeued job {low.job_id}'):
+        assert line in log, f'{line!r} not in the log of job {low.job_id}:\n{log[-3000:]}'
     assert 'PREEMPTED' in _sacct_states(low.job_id) or 'REQUEUED' in _sacct_states(low.job_id), _sacct_states(low.job_id)
+    print(''.join(line + '\n' for line in log.splitlines() if 'submitit' in line), end='')
     print(f'preemption: USR2+checkpoint {t_signal - t_high:.1f} s after the high job was submitted; states '
           f'{_sacct_states(low.job_id)}; resumed at step {result["starts"][1]}; low job done '
           f'{time.monotonic() - t0:.1f} s after submission')
