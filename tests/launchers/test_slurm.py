@@ -33,8 +33,9 @@ def wait_for(predicate, timeout: float, what: str, job=None) -> None:
             pytest.fail(f'timed out after {timeout} s waiting for {what}\n{logs}')
         time.sleep(0.25)
 
-def test_preempted_slurm_run_requeues_and_matches_local_run(slurm_cluster, tmp_path):
+def test_preempted_slurm_run_requeues_and_matches_local_run(slurm_cluster, tmp_path, monkeypatch):
     import submitit
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')     # sbatch exports it: same kernels, same reduction order as the local run
     ref = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), '--nproc=2', f'run.root={tmp_path}',
                           'run.name=local', *ARGS], capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert ref.returncode == 0, ref.stderr[-3000:]
