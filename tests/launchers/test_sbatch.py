@@ -1,0 +1,39 @@
+"""slurm/train.sbatch without submitit on the real single-node Slurm: USR2 to the job's tasks makes the ranks save
+and exit with code 3, the script requeues the job, and the rerun resumes and finishes."""
+
+import pathlib
+import subprocess
+import time
+
+import pytest
+
+from cosim_dist.config import CONFIG_DIR
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+REPO = CONFIG_DIR.parent
+
+def test_sbatch_script_requeues_after_usr2(slurm_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    out = tmp_path / 'job.out'
+    submit = subprocess.run(
+        ['sbatch', '--parsable', f'--chdir={REPO}', f'--output={out}', '--open-mode=append', '--ntasks-per-node=2',
+         '--gpus-per-node=0', '--cpus-per-task=1', '--time=10', f'--partition={slurm_cluster.low}',
+         str(REPO / 'slurm' / 'train.sbatch'), f'run.root={tmp_path}', 'run.name=sb', 'task=train',
+         'engine.backend=deepspeed', 'pretrain.kimg=1', 'model.net.model_channels=16', 'train.batch=16',
+         'train.batch_gpu=8', 'train.kimg=1.6', 'train.log_kimg=0.016', 'logging.wandb=disabled',
+         'logging.progress=false'], capture_output=True, text=True, check=True)
+    job = submit.stdout.strip().split(';')[0]
+    jsonl = tmp_path / 'sb' / 'train.jsonl'
+    deadline = time.monotonic() + 120
+    while not (jsonl.exists() and len(jsonl.read_text().splitlines()) > 10):
+        assert time.monotonic() < deadline, out.read_text()[-3000:] if out.exists() else 'no job output'
+        time.sleep(0.25)
+    subprocess.run(['scancel', '--signal=USR2', job], check=True)
+    deadline = time.monotonic() + 180
+    while not (tmp_path / 'sb' / 'checkpoints').exists() or 'done in' not in out.read_text().split('resumed at')[-1]:
+        assert time.monotonic() < deadline, out.read_text()[-4000:]
+        time.sleep(0.5)
+    log = out.read_text()
+    for line in ('received SIGUSR2', 'stop requested: saving at', f'requeueing job {job}', 'resumed at'):
+        assert line in log, f'{line!r} missing:\n{log[-4000:]}'
+    assert '"nimg": 1600' in jsonl.read_text()
