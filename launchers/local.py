@@ -10,6 +10,8 @@ from cosim_dist.config import Config
 from cosim_dist.logging import log, setup_console
 from launchers.signals import StopFlag
 
+EXIT_STOPPED = 3
+
 def launch_local(cfg: Config) -> None:
     """Run cfg.task in this process (a single process, or one rank started by torchrun or srun). SIGUSR2 or SIGTERM
     stops training at the next step boundary with a checkpoint; running the same command again resumes."""
@@ -23,6 +25,8 @@ def launch_local(cfg: Config) -> None:
         distributed.shutdown()
     if stop():
         log.info('stopped early with a checkpoint: run the same command again to resume')
+        if env.source == 'slurm':
+            sys.exit(EXIT_STOPPED)      # slurm/train.sbatch requeues on this code
 
 def launch_processes(nproc: int, overrides: list[str]) -> int:
     """Start `nproc` ranks of `launch.py overrides` through torch.distributed.run on 127.0.0.1."""
