@@ -1,5 +1,9 @@
 """Feature statistics and the Frechet distance (ALGORITHM.md Part II s.7, "Metrics implementation")."""
 
+import io
+import pathlib
+import pickle
+
 import numpy as np
 import torch
 
@@ -45,3 +49,35 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     m = r @ s2 @ r
     cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+#----------------------------------------------------------------------------
+# Reference statistics files: EDM2's pickle {'fid': {'mu', 'sigma'}, 'fd_dinov2': {...}} (written and read) and
+# EDM's .npz {mu, sigma} (read, as the 'fid' entry). Pickles are read with an allow-list of numpy's array
+# reconstruction functions only, so a reference file cannot run code.
+
+NUMPY_GLOBALS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+                 ('numpy', 'ndarray'), ('numpy', 'dtype'), ('numpy.core.multiarray', 'scalar'),
+                 ('numpy._core.multiarray', 'scalar')}
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f'reference file refers to {module}.{name}, which is not a numpy array type')
+        return super().find_class(module, name)
+
+def save_ref(path: str | pathlib.Path, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write {metric: (mu, sigma)} in EDM2's reference format."""
+    with open(path, 'wb') as f:
+        pickle.dump({k: {'mu': mu, 'sigma': sigma} for k, (mu, sigma) in stats.items()}, f)
+
+def load_ref(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read an EDM2 .pkl or an EDM .npz reference as {metric: (mu, sigma)}."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'reference statistics {path} do not exist: compute them with data_tools/ref_stats.py '
+                                f'or download EDM2\'s dataset-refs/img512.pkl')
+    if path.suffix == '.npz':
+        with np.load(path, allow_pickle=False) as z:
+            return {'fid': (z['mu'], z['sigma'])}
+    data = _ArrayUnpickler(io.BytesIO(path.read_bytes())).load()
+    return {k: (v['mu'], v['sigma']) for k, v in data.items()}
