@@ -120,6 +120,9 @@ class EvalConfig:
     steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])  # CoSIM sampler step counts K
     heun_steps: int = 18             # teacher Heun steps N (NFE = 2N - 1)
     grid_scale: float = 1.0          # scale of the interior sampler grid points (Eq. S1)
+    tune_grid: bool = False          # greedy search of the interior grid points on tune_samples seeds first
+    tune_samples: int = 2000         # seeds used by the grid search (disjoint from the evaluation seeds)
+    dpm_nfe: list[int] = dataclasses.field(default_factory=lambda: [2, 4, 8])  # DPM-Solver++(2M) baselines (NFE)
     batch: int = 1000                # generation batch
     seed: int = 0                    # first sample seed (sample i uses seed + i)
 

@@ -24,9 +24,14 @@ def heun_spec(teacher: torch.nn.Module, num_steps: int, noise: cosim.NoiseRange)
     return SamplerSpec(f'teacher Heun (N={num_steps})', 2 * num_steps - 1, 0,
                        lambda z, c, _: cosim.heun_sample(teacher, z, c, num_steps, noise))
 
-def cosim_spec(G: torch.nn.Module, K: int, noise: cosim.NoiseRange, scale: float = 1.0, name: str = 'CoSIM') -> SamplerSpec:
-    grid = cosim.default_grid(K, noise, scale)
-    return SamplerSpec(f'{name} K={K}', K, K - 1, lambda z, c, n: cosim.cosim_sample(G, z, c, grid, n))
+def dpm_spec(teacher: torch.nn.Module, nfe: int, noise: cosim.NoiseRange) -> SamplerSpec:
+    return SamplerSpec(f'teacher DPM-Solver++(2M) (N={nfe})', nfe, 0,
+                       lambda z, c, _: cosim.dpm_solver_2m_sample(teacher, z, c, nfe, noise))
+
+def cosim_spec(G: torch.nn.Module, grid: list[float], name: str = 'CoSIM') -> SamplerSpec:
+    """Eq. S1 over an explicit grid tau_K > ... > tau_1."""
+    return SamplerSpec(f'{name} K={len(grid)}', len(grid), len(grid) - 1,
+                       lambda z, c, n: cosim.cosim_sample(G, z, c, grid, n))
 
 def seeded_inputs(seeds: range, shape: tuple[int, ...], label_dim: int, extra_draws: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
@@ -84,3 +89,19 @@ def format_table(rows: list[dict]) -> str:
 def frechet_to_reference(acc: MomentAccumulator, ref_mu, ref_sigma) -> float:
     mu, sigma = acc.moments()
     return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+
+def tune_grid(grid: list[float], score: Callable[[list[float]], float],
+              factors: tuple[float, ...] = (0.5, 0.7, 1.4, 2.0)) -> tuple[list[float], float]:
+    """Greedy search over the interior points of an Eq. S1 grid: each point in turn is multiplied by the factor
+    that lowers `score` most (the grid stays strictly decreasing). Returns the grid and its score."""
+    best = score(grid)
+    for k in range(1, len(grid)):
+        base = list(grid)
+        for f in factors:
+            cand = list(base)
+            cand[k] *= f
+            if not cand[k - 1] > cand[k] > (cand[k + 1] if k + 1 < len(cand) else 0):
+                continue
+            if (value := score(cand)) < best:
+                grid, best = cand, value
+    return grid, best

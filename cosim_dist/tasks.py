@@ -15,8 +15,8 @@ from .config import Config, ConfigError, batch_layout, config_hash, resume_finge
 from . import distributed
 from .distributed import DistEnv
 from .engines import DeepSpeedEngine, TorchEngine, place_teacher
-from .evaluate import (cosim_spec, format_table, frechet_to_reference, heun_spec, sampler_moments,
-                       seeded_inputs, write_results)
+from .evaluate import (cosim_spec, dpm_spec, format_table, frechet_to_reference, heun_spec, sampler_moments,
+                       seeded_inputs, tune_grid, write_results)
 from .metrics import MomentAccumulator
 from .logging import RunLogger, log, save_image_grid
 from .nets import build_network
@@ -166,27 +166,40 @@ def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: Dis
 
 def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, device: torch.device,
                  env: DistEnv = DistEnv()) -> list[dict]:
-    """Collective: every rank generates its share of the seeds; rank 0 writes eval.json and samples.png."""
+    """Collective: every rank generates its share of the seeds; rank 0 writes eval.json and samples.png.
+    Rows: the noise floor, the teacher's Heun and DPM-Solver++(2M) samplers, CoSIM at each K (grid in the row)."""
     world, e, noise = make_world(cfg), cfg.eval, noise_range(cfg)
     shape, label_dim = world.shape, cfg.model.label_dim
     ref_mu, ref_sigma = (m.numpy() for m in world.moments())
-    seeds = range(e.seed, e.seed + e.num_samples)
-    specs = [heun_spec(teacher, e.heun_steps, noise)] + [cosim_spec(G, K, noise, e.grid_scale) for K in e.steps]
+
+    def fd(spec, seeds: range, progress=lambda n: None) -> float:
+        acc = sampler_moments(spec, seeds, shape, label_dim, e.batch, device, progress, env.rank, env.world_size)
+        return frechet_to_reference(acc, ref_mu, ref_sigma)
+
+    grids = {K: cosim.default_grid(K, noise, e.grid_scale) for K in e.steps}
+    if e.tune_grid:
+        tune_seeds = range(e.seed + e.num_samples, e.seed + e.num_samples + e.tune_samples)
+        for K in e.steps:
+            grids[K], score = tune_grid(grids[K], lambda g: fd(cosim_spec(G, g), tune_seeds))
+            log.info(f'tuned grid K={K}: {[round(t, 4) for t in grids[K]]} (FD {score:.4f} on {e.tune_samples} seeds)')
+    specs = ([heun_spec(teacher, e.heun_steps, noise)] + [dpm_spec(teacher, n, noise) for n in e.dpm_nfe]
+             + [cosim_spec(G, grids[K]) for K in e.steps])
     logger = make_logger(cfg, 'eval', env.rank)
     logger.start(e.num_samples * (len(specs) + 1), 0, 'evaluate')
-    rows = []
     exact = exact_moments(world, e.num_samples, e.seed, e.batch)
     logger.advance(e.num_samples)
-    rows.append({'name': 'exact samples (noise floor)', 'nfe': 0, 'frechet_distance': frechet_to_reference(exact, ref_mu, ref_sigma)})
+    rows = [{'name': 'exact samples (noise floor)', 'nfe': 0, 'frechet_distance': frechet_to_reference(exact, ref_mu, ref_sigma)}]
+    seeds = range(e.seed, e.seed + e.num_samples)
     for spec in specs:
-        acc = sampler_moments(spec, seeds, shape, label_dim, e.batch, device, logger.advance, env.rank, env.world_size)
-        rows.append({'name': spec.name, 'nfe': spec.nfe, 'frechet_distance': frechet_to_reference(acc, ref_mu, ref_sigma)})
+        rows.append({'name': spec.name, 'nfe': spec.nfe, 'frechet_distance': fd(spec, seeds, logger.advance)})
         logger.scalars(0, {f'eval/{spec.name}': rows[-1]['frechet_distance']})
+    for row, K in zip(rows[-len(e.steps):], e.steps):
+        row['grid'] = grids[K]
     logger.close()
-    grid = _sample_grid(cfg, world, specs, device)
+    grid_images = _sample_grid(cfg, world, specs, device)
     if env.rank == 0:
         write_results(rows, cfg.run_dir / 'eval.json')
-        save_image_grid(grid, cfg.run_dir / 'samples.png', rows=len(specs) + 1)
+        save_image_grid(grid_images, cfg.run_dir / 'samples.png', rows=len(specs) + 1)
     return rows
 
 def exact_moments(world: GMMWorld, n: int, seed: int, batch: int) -> MomentAccumulator:

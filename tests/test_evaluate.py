@@ -10,7 +10,7 @@ import torch
 
 from cosim_dist import cosim, tasks
 from cosim_dist.config import CONFIG_DIR, load_config
-from cosim_dist.evaluate import cosim_spec, rank_seeds, sampler_moments
+from cosim_dist.evaluate import cosim_spec, rank_seeds, sampler_moments, tune_grid
 
 def test_rank_seeds_partition_the_range():
     for world in (1, 2, 3, 7):
@@ -20,7 +20,7 @@ def test_rank_seeds_partition_the_range():
 def test_moments_do_not_depend_on_batch_size():
     torch.manual_seed(0)
     G = lambda x, sigma, c: 0.3 * x + (0 if c is None else c[:, :1, None, None])
-    spec = cosim_spec(G, 2, cosim.NoiseRange())
+    spec = cosim_spec(G, cosim.default_grid(2, cosim.NoiseRange()))
     a = sampler_moments(spec, range(100), (1, 4, 4), 3, 7, torch.device('cpu')).moments()
     b = sampler_moments(spec, range(100), (1, 4, 4), 3, 100, torch.device('cpu')).moments()
     for x, y in zip(a, b):
@@ -42,3 +42,15 @@ def test_two_ranks_give_the_same_table_as_one(tmp_path):
         tables.append(json.loads((cfg.run_dir / 'eval.json').read_text()))
     for a, b in zip(*tables):
         assert a['name'] == b['name'] and a['frechet_distance'] == pytest.approx(b['frechet_distance'], rel=1e-9)
+
+def test_greedy_grid_search_finds_a_better_interior_point():
+    target = [80.0, 5.0, 0.5]
+    score = lambda g: sum((a - b) ** 2 for a, b in zip(g, target))
+    grid, best = tune_grid([80.0, 10.0, 0.25], score)
+    assert grid == [80.0, 5.0, 0.5] and best == 0.0
+
+def test_dpm_solver_converges_on_gaussian_data():
+    S0 = 0.5
+    den = lambda x, sigma, c: S0 ** 2 / (S0 ** 2 + cosim._bcast(torch.as_tensor(sigma)) ** 2) * x
+    z = torch.randn(20000, 4, 1, 1, generator=torch.Generator().manual_seed(0))
+    assert cosim.dpm_solver_2m_sample(den, z, None, 64).std() == pytest.approx(S0 * z.std(), rel=0.01)

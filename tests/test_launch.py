@@ -22,7 +22,8 @@ def test_small_run_improves_on_initialisation(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / 'e2e'
     rows = {r['name']: r for r in json.loads((run_dir / 'eval.json').read_text())}
-    assert {'teacher Heun (N=8)', 'CoSIM K=1', 'CoSIM K=2', 'CoSIM K=4'} <= set(rows)
+    assert {'teacher Heun (N=8)', 'teacher DPM-Solver++(2M) (N=4)', 'CoSIM K=1', 'CoSIM K=2', 'CoSIM K=4'} <= set(rows)
+    assert rows['CoSIM K=2']['grid'] == pytest.approx([80.0, 2.5152], abs=1e-3)
     assert rows['CoSIM K=4']['nfe'] == 4 and rows['teacher Heun (N=8)']['nfe'] == 15
     assert 'CoSIM K=4' in out.stdout                                                  # the printed table
     for name in ('samples.png', 'config.yaml', 'generator.pt', 'train.jsonl', 'pretrain.jsonl'):
@@ -37,7 +38,7 @@ def test_small_run_improves_on_initialisation(tmp_path):
     world = tasks.make_world(cfg)
     mu, sigma = (m.numpy() for m in world.moments())
     floor = rows['exact samples (noise floor)']['frechet_distance']          # sampling noise at 2000 samples
-    acc = sampler_moments(cosim_spec(teacher, 1, tasks.noise_range(cfg)), range(2000), world.shape, 10, 500,
+    acc = sampler_moments(cosim_spec(teacher, [80.0]), range(2000), world.shape, 10, 500,
                           torch.device('cpu'))
     at_init = frechet_to_reference(acc, mu, sigma)
     assert at_init - rows['CoSIM K=1']['frechet_distance'] > 5 * floor, (rows, at_init)
