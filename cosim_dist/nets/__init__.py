@@ -8,10 +8,13 @@ constructor arguments in `self.init_kwargs` so that copies (generator, auxiliary
 
 import torch
 
-from . import toy
+from . import edm, edm2, toy
 
 ARCHS: dict[str, type[torch.nn.Module]] = {
     'toy': toy.ToyPrecond,
+    'songunet': edm.SongUNetPrecond,
+    'dhariwalunet': edm.DhariwalUNetPrecond,
+    'edm2': edm2.EDM2Precond,
 }
 
 def build_network(arch: str, **kwargs) -> torch.nn.Module:

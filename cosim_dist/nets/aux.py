@@ -24,7 +24,7 @@ def make_auxiliary(teacher: torch.nn.Module, mode: str = 'gated') -> torch.nn.Mo
             src = src_prefix + name[len(dst_prefix):]
             aux.state_dict()[name].copy_(state[src])
             missing.remove(name)
-    left = [k for k in missing if not k.endswith('t_gain')]
+    left = [k for k in missing if k.rsplit('.', 1)[-1] != 't_gain']
     if left:
         raise RuntimeError(f'auxiliary parameters without an initial value: {left}')
     return aux.to(next(teacher.parameters()).device).train(teacher.training)
