@@ -8,7 +8,6 @@ A step without COMMIT does not exist. Resume takes the newest commit whose files
 falling back to older commits; retention keeps the last `keep` commits and never the one resumed from.
 """
 
-import hashlib
 import json
 import pathlib
 import re
@@ -19,16 +18,9 @@ import torch
 
 from .distributed import any_rank, barrier
 from .logging import log
-from .storage import ObjectStore, StorageConfig, open_store
+from .storage import ObjectStore, StorageConfig, open_store, sha256_file
 
 STEP = re.compile(r'step-(\d{12})')
-
-def sha256_file(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 def step_prefix(nimg: int) -> str:
     return f'step-{nimg:012d}'

@@ -9,7 +9,6 @@
   mean/std, fp32.
 """
 
-import hashlib
 import math
 import pathlib
 
@@ -24,13 +23,6 @@ def weights_file(path: str | pathlib.Path | None, what: str, official: str) -> p
     if path is None or not pathlib.Path(path).is_file():
         raise FileNotFoundError(f'{what} weights not found at {path}: download {official} and pass its local path')
     return pathlib.Path(path)
-
-def sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 def load_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
     """Tensors only: `weights_only=True`, so a weights file cannot run code."""

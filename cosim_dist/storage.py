@@ -13,6 +13,7 @@ pickled into DataLoader workers and forked processes.
 """
 
 import dataclasses
+import hashlib
 import io
 import os
 import pathlib
@@ -238,6 +239,14 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
 
 #----------------------------------------------------------------------------
 # Local copies of remote files (teacher pickles, reference statistics).

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cosim_dist import extractors
+from cosim_dist.storage import sha256_file
 from cosim_dist.metrics import MomentAccumulator, save_ref
 
 def folder_batches(root: pathlib.Path, resolution: int, batch: int, limit: int | None) -> Iterator[torch.Tensor]:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_ref(args.out, {k: acc.moments() for k, acc in accs.items()})
     meta = {'source': args.data, 'num_images': next(iter(accs.values())).n, 'resolution': args.resolution,
-            'weights': {k: {'path': str(path), 'sha256': extractors.sha256(pathlib.Path(path))} for k, (_, path) in nets.items()}}
+            'weights': {k: {'path': str(path), 'sha256': sha256_file(pathlib.Path(path))} for k, (_, path) in nets.items()}}
     args.out.with_suffix('.json').write_text(json.dumps(meta, indent=2) + '\n')
     print(f'wrote {args.out} ({meta["num_images"]} images: {", ".join(nets)})')
     return 0

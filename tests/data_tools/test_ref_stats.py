@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cosim_dist import extractors
+from cosim_dist.storage import sha256_file
 from cosim_dist.metrics import frechet_distance, load_ref, save_ref
 from data_tools import ref_stats
 
@@ -32,7 +33,7 @@ def test_ref_stats_of_an_image_folder(tmp_path):
     assert mu.shape == (1024,) and sigma.shape == (1024, 1024) and np.trace(sigma) > 0
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-5 * np.trace(sigma)   # zero up to rounding (rank-4 covariance)
     meta = json.loads((tmp_path / 'ref.json').read_text())
-    assert meta['num_images'] == 5 and meta['weights']['fd_dinov2']['sha256'] == extractors.sha256(tmp_path / 'dino.pth')
+    assert meta['num_images'] == 5 and meta['weights']['fd_dinov2']['sha256'] == sha256_file(tmp_path / 'dino.pth')
 
 def test_reference_formats_and_refusal(tmp_path):
     mu, sigma = np.arange(3.0), np.eye(3)
