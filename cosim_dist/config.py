@@ -38,6 +38,8 @@ class ModelConfig:
     channels: int = 3                # image (or latent) channels
     label_dim: int = 10              # number of classes (0 = unconditional)
     sigma_data: float = 0.5          # EDM sigma_data
+    latent_raw_mean: list[float] | None = None  # latent models: per-channel mean of the VAE latents (EDM2 convention)
+    latent_raw_std: list[float] | None = None   # latent models: per-channel std; network space = (x - mean) * 0.5 / std
     net: dict[str, Any] = dataclasses.field(default_factory=lambda: {'model_channels': 32, 'channel_mult': [1, 2]})  # architecture kwargs
 
 @dataclasses.dataclass
@@ -125,6 +127,17 @@ class EvalConfig:
     dpm_nfe: list[int] = dataclasses.field(default_factory=lambda: [2, 4, 8])  # DPM-Solver++(2M) baselines (NFE)
     batch: int = 1000                # generation batch
     seed: int = 0                    # first sample seed (sample i uses seed + i)
+    # Real models (model.teacher set or a non-toy arch): FID / FD-DINOv2 against reference statistics (generate.py).
+    samplers: list[str] = dataclasses.field(default_factory=lambda: ['heun', 'dpm', 'cosim'])  # rows: heun | dpm | cosim
+    generator: str | None = None     # distilled generator file (snapshot, export dir, s3://); default <run dir>/generator.pt
+    metrics: list[str] = dataclasses.field(default_factory=lambda: ['inception', 'dinov2'])  # feature extractors
+    inception_weights: str | None = None  # weights-inception-2015-12-05-6726825d.pth (torch-fidelity release)
+    dinov2_weights: str | None = None     # dinov2_vitl14_pretrain.pth (facebookresearch/dinov2 release)
+    ref: str | None = None           # reference statistics: EDM2 .pkl (fid, fd_dinov2) or EDM .npz (fid)
+    vae: str | None = None           # latent models: local diffusers AutoencoderKL directory (stabilityai/sd-vae-ft-mse)
+    decode_batch: int = 8            # latents per VAE decoder call
+    chunk: int = 1000                # seeds per resumable chunk (per-rank sums are committed after each)
+    png_dir: str | None = None       # also write <png_dir>/<sampler>/<seed // 1000 * 1000>/<seed>.png
 
 @dataclasses.dataclass
 class LoggingConfig:
@@ -202,6 +215,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f'{key}={_get(cfg, key)} must be > 0')
     if any(k < 1 for k in cfg.eval.steps):
         raise ConfigError(f'eval.steps={cfg.eval.steps}: every sampler step count K must be >= 1')
+    for key, allowed in (('eval.samplers', ('heun', 'dpm', 'cosim')), ('eval.metrics', ('inception', 'dinov2'))):
+        values = _get(cfg, key)
+        if not values or any(v not in allowed for v in values):
+            raise ConfigError(f'{key}={values} is invalid; give a non-empty list of: {", ".join(allowed)}')
+    if cfg.eval.chunk <= 0 or cfg.eval.decode_batch <= 0:
+        raise ConfigError(f'eval.chunk={cfg.eval.chunk} and eval.decode_batch={cfg.eval.decode_batch} must be > 0')
     if cfg.loss.lmbda < 0:
         raise ConfigError(f'loss.lmbda={cfg.loss.lmbda} must be >= 0')
     if not 0 < cfg.kernel.eta <= 1:
@@ -252,17 +271,34 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
             dotlist.append(arg)
     return groups, dotlist
 
+def load_group(group: str, name: str, chain: tuple[str, ...] = ()) -> tuple[list[tuple[str, DictConfig]], dict[str, str]]:
+    """The fragments of configs/<group>/<name>.yaml in merge order, with the group defaults it declares.
+    A fragment may say `extends: <other name in the group>` (merged first) and `defaults: {group: name}` (groups
+    selected when the command line does not select them)."""
+    path = CONFIG_DIR / group / f'{name}.yaml'
+    if not path.is_file():
+        raise ConfigError(f'{group}={name!r} is not a known {group} config; valid choices: '
+                          f'{", ".join(group_choices(group))}')
+    if name in chain:
+        raise ConfigError(f'{path}: `extends` forms a cycle: {" -> ".join(chain + (name,))}')
+    node = OmegaConf.load(path)
+    parent, defaults = node.pop('extends', None), dict(node.pop('defaults', None) or {})
+    fragments: list[tuple[str, DictConfig]] = []
+    if parent is not None:
+        fragments, inherited = load_group(group, str(parent), chain + (name,))
+        defaults = {**inherited, **defaults}
+    return fragments + [(str(path.relative_to(CONFIG_DIR.parent)), node)], defaults
+
 def load_config(args: list[str] = ()) -> Config:
     """Resolve a Config from command-line style arguments (`model=toy train.kimg=50`)."""
     selected, dotlist = parse_overrides(list(args))
     groups = {**DEFAULT_GROUPS, **selected}
     cfg = OmegaConf.structured(Config)
-    for group, name in groups.items():
-        path = CONFIG_DIR / group / f'{name}.yaml'
-        if not path.is_file():
-            raise ConfigError(f'{group}={name!r} is not a known {group} config; valid choices: '
-                              f'{", ".join(group_choices(group))}')
-        cfg = _merge(cfg, OmegaConf.load(path), f'{path.relative_to(CONFIG_DIR.parent)}')
+    for group in list(groups):          # model first: its `defaults` may pick the data group
+        fragments, defaults = load_group(group, groups[group])
+        groups.update({g: n for g, n in defaults.items() if g not in selected and g != group})
+        for source, node in fragments:
+            cfg = _merge(cfg, node, source)
     cfg = _merge(cfg, OmegaConf.create({'groups': groups}), 'groups')
     for item in dotlist:
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f'override {item!r}')

@@ -3,7 +3,8 @@
 Both engine kinds expose what the trainer uses: `module`, `backward(loss)` (scaled by 1 / accumulation
 steps), `step()` (called after every micro-batch, applied at the accumulation boundary), `save(dir)`,
 `load(dir) -> client state`, and `full_parameters()` (a context in which every parameter is materialised,
-for the EMA under ZeRO-3). `TorchEngine` is one process with plain Adam; `DeepSpeedEngine` wraps
+for the EMA under ZeRO-3). An optional `WeightConstraint` (EDM2's forced weight normalisation) is applied once at
+construction and after every optimiser step, to the module's weights and to the optimiser's master copy. `TorchEngine` is one process with plain Adam; `DeepSpeedEngine` wraps
 `deepspeed.initialize` with ZeRO stage 0-3. Precision is autocast (fp32 master weights, see `autocast`)."""
 
 import contextlib
@@ -12,6 +13,8 @@ import os
 import pathlib
 
 import torch
+
+from .nets import WeightConstraint
 
 @dataclasses.dataclass
 class EngineConfig:
@@ -38,13 +41,21 @@ def sanitize_gradients(module: torch.nn.Module) -> None:
 
 #----------------------------------------------------------------------------
 
+@torch.no_grad()
+def project_(constraint: WeightConstraint | None) -> None:
+    """Apply a weight constraint to plain (unpartitioned) parameters in place."""
+    for p in constraint.params if constraint else []:
+        p.copy_(constraint.project(p.float()))
+
 class TorchEngine:
     """One process: Adam on fp32 parameters, gradient accumulation over `accum` micro-batches."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, accum: int = 1) -> None:
-        self.module, self.accum, self.micro = module, accum, 0
+    def __init__(self, module: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, accum: int = 1,
+                 constraint: WeightConstraint | None = None) -> None:
+        self.module, self.accum, self.micro, self.constraint = module, accum, 0, constraint
         self.optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps)
         sanitize_gradients(module)
+        project_(constraint)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
@@ -54,6 +65,7 @@ class TorchEngine:
         if self.micro % self.accum == 0:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            project_(self.constraint)
 
     def full_parameters(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -111,7 +123,7 @@ class DeepSpeedEngine:
     """A DeepSpeed engine with its own optimiser and config (one per trained network)."""
 
     def __init__(self, module: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, *, micro_batch: int,
-                 accum: int, world_size: int, zero_stage: int) -> None:
+                 accum: int, world_size: int, zero_stage: int, constraint: WeightConstraint | None = None) -> None:
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f'engine.zero_stage={zero_stage} is invalid; valid choices: 0, 1, 2, 3')
         deepspeed = import_deepspeed()
@@ -119,9 +131,10 @@ class DeepSpeedEngine:
         _share_scalar_parameters(module, zero_stage)
         adam = {'type': 'AdamW', 'params': {'lr': lr, 'betas': list(betas), 'eps': eps, 'weight_decay': 0.0,
                                             'torch_adam': True}}
-        self.zero_stage = zero_stage
+        self.zero_stage, self.constraint = zero_stage, constraint
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
                                                config=deepspeed_config(micro_batch, accum, world_size, zero_stage, adam))
+        self._project()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -131,7 +144,29 @@ class DeepSpeedEngine:
         self.engine.backward(loss)
 
     def step(self) -> None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
+        if boundary:
+            self._project()
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        """The constraint on the module's weights and on ZeRO's fp32 master partitions (which would otherwise
+        overwrite the module's at the next step). Under ZeRO-3 the parameters are gathered and rank 0's result
+        re-partitioned."""
+        if self.constraint is None:
+            return
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+        params = self.constraint.params
+        gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=0) if self.zero_stage == 3
+                    else contextlib.nullcontext())
+        with gathered:
+            for p in params:
+                value = self.constraint.project(p.data.float())
+                if self.zero_stage > 0:
+                    safe_set_full_fp32_param(p, value)
+                p.data.copy_(value)
 
     def full_parameters(self) -> contextlib.AbstractContextManager:
         if self.zero_stage < 3:

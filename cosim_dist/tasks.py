@@ -2,7 +2,6 @@
 default pipeline (teacher -> distil -> evaluate). Builds the components the trainer receives."""
 
 import dataclasses
-import os
 import pathlib
 import time
 
@@ -19,9 +18,10 @@ from .evaluate import (cosim_spec, dpm_spec, format_table, frechet_to_reference,
                        seeded_inputs, tune_grid, write_results)
 from .metrics import MomentAccumulator
 from .logging import RunLogger, log, save_image_grid
-from .nets import build_network
+from .nets import TRAINING_KWARGS, build_network, weight_constraint
 from .nets.aux import make_auxiliary
 from .pretrain import pretrain_teacher
+from .teacher_io import arch_name, load_network, load_snapshot, save_snapshot
 from .toy import GMMConfig, GMMStream, GMMWorld
 from .trainer import Trainer
 
@@ -54,8 +54,31 @@ def make_stream(cfg: Config, batch_per_rank: int, seed: int, env: DistEnv = Dist
     if cfg.data.kind == 'gmm':
         return GMMStream(make_world(cfg), batch_per_rank, seed, env.rank, env.world_size)
     from .data import ShardStream
-    return ShardStream(cfg.data.path, batch_size=batch_per_rank, seed=seed, num_workers=cfg.data.num_workers,
-                       rank=env.rank, world_size=env.world_size)
+    stream = ShardStream(cfg.data.path, batch_size=batch_per_rank, seed=seed, num_workers=cfg.data.num_workers,
+                         rank=env.rank, world_size=env.world_size)
+    check_dataset(cfg, stream.info)
+    return stream
+
+def check_dataset(cfg: Config, info) -> None:
+    """The shards must hold what the model config describes: shape, classes and, for latents, EDM2's scale/bias."""
+    from .data import latent_scale_bias
+    m, where = cfg.model, f'data.path={cfg.data.path} (manifest.parquet)'
+    have = (info.channels, info.resolution, info.label_count)
+    if have != (m.channels, m.resolution, m.label_dim):
+        raise ConfigError(f'{where} holds {have[0]}x{have[1]}x{have[1]} samples with {have[2]} classes, but model '
+                          f'{cfg.groups.get("model")} expects {m.channels}x{m.resolution}x{m.resolution} with '
+                          f'{m.label_dim} classes; point data.path at the matching shards')
+    latent_model = m.latent_raw_mean is not None
+    if latent_model != (info.kind == 'latents'):
+        raise ConfigError(f'{where} holds {info.kind} but model {cfg.groups.get("model")} is a '
+                          f'{"latent" if latent_model else "pixel"} model; use data_tools/encode_latents.py shards '
+                          f'for latent models and pixel shards otherwise')
+    if latent_model:
+        want = latent_scale_bias(m.latent_raw_mean, m.latent_raw_std)
+        if any(abs(a - b) > 1e-6 for w, h in zip(want, (info.latent_scale, info.latent_bias)) for a, b in zip(w, h)):
+            raise ConfigError(f'{where} latent scale/bias {info.latent_scale}/{info.latent_bias} differ from the '
+                              f'model\'s {want[0]}/{want[1]} (model.latent_raw_mean/std); re-encode the latents with '
+                              f'--raw-mean/--raw-std matching the model, or fix the config')
 
 def make_logger(cfg: Config, name: str, rank: int = 0) -> RunLogger:
     return RunLogger(cfg.run_dir, name, config=dict(groups=cfg.groups, task=cfg.task), wandb_mode=cfg.logging.wandb,
@@ -70,20 +93,6 @@ def new_network(cfg: Config) -> torch.nn.Module:
                          sigma_data=m.sigma_data, **m.net)
 
 #----------------------------------------------------------------------------
-# Network files of our own: {arch, init_kwargs, state_dict}.
-
-def save_network(net: torch.nn.Module, arch: str, path: pathlib.Path) -> None:
-    tmp = path.with_suffix('.tmp')
-    torch.save({'arch': arch, 'init_kwargs': net.init_kwargs, 'state_dict': net.state_dict()}, tmp)
-    os.replace(tmp, path)
-
-def load_network_file(path: pathlib.Path) -> torch.nn.Module:
-    data = torch.load(path, map_location='cpu', weights_only=True)
-    net = build_network(data['arch'], **data['init_kwargs'])
-    net.load_state_dict(data['state_dict'])
-    return net.eval().requires_grad_(False)
-
-#----------------------------------------------------------------------------
 # Teacher: an official checkpoint (model.teacher) or the toy teacher, pretrained once and cached.
 
 def toy_teacher_path(cfg: Config) -> pathlib.Path:
@@ -96,7 +105,6 @@ def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> tor
         if '://' not in local and not pathlib.Path(local).is_file():
             raise ConfigError(f'teacher checkpoint model.teacher={cfg.model.teacher} does not exist: download the '
                               f'official .pkl and pass its path (or an s3:// URL) as model.teacher=...')
-        from .teacher_io import load_network
         return load_network(cfg.model.teacher).to(device)
     if cfg.model.arch != 'toy' or cfg.data.kind != 'gmm':
         raise ConfigError(f'model.teacher is not set for model.arch={cfg.model.arch!r}: download the official '
@@ -104,13 +112,13 @@ def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> tor
     path = toy_teacher_path(cfg)
     if path.is_file() and not retrain:
         log.info(f'reusing cached toy teacher {path}')
-        return load_network_file(path).to(device)
+        return load_snapshot(path)[0].to(device)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
     net = new_network(cfg).to(device)
     stream = make_stream(cfg, cfg.pretrain.batch, seed=cfg.run.seed + 1)
     teacher = pretrain_teacher(net, stream, cfg.pretrain, cfg.model.sigma_data, cfg.run.seed, make_logger(cfg, 'pretrain'))
-    save_network(teacher, cfg.model.arch, path)
+    save_snapshot(path, teacher)
     log.info(f'toy teacher saved to {path}')
     return teacher
 
@@ -118,15 +126,16 @@ def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> tor
 # Distillation (Eq. L1).
 
 def make_engine(cfg: Config, net: torch.nn.Module, lr: float, env: DistEnv):
+    """The network's engine; EDM2 weights are normalised before the first step and after every step."""
     t, e = cfg.train, cfg.engine
     batch_gpu, rounds = batch_layout(t, env.world_size)
     if e.backend == 'torch':
         if env.world_size > 1:
             raise ConfigError(f'engine.backend=torch runs one process, but the world size is {env.world_size}: '
                               f'use engine.backend=deepspeed')
-        return TorchEngine(net, lr, (t.beta1, t.beta2), t.eps, accum=rounds)
+        return TorchEngine(net, lr, (t.beta1, t.beta2), t.eps, accum=rounds, constraint=weight_constraint(net))
     return DeepSpeedEngine(net, lr, (t.beta1, t.beta2), t.eps, micro_batch=batch_gpu, accum=rounds,
-                           world_size=env.world_size, zero_stage=e.zero_stage)
+                           world_size=env.world_size, zero_stage=e.zero_stage, constraint=weight_constraint(net))
 
 def make_checkpointer(cfg: Config, env: DistEnv) -> CheckpointManager:
     c = cfg.checkpoint
@@ -134,11 +143,25 @@ def make_checkpointer(cfg: Config, env: DistEnv) -> CheckpointManager:
                              rank=env.rank, keep=c.keep, async_upload=c.async_upload,
                              storage=StorageConfig(endpoint_url=c.endpoint_url))
 
+def student_kwargs(cfg: Config, teacher: torch.nn.Module) -> dict:
+    """The teacher's constructor arguments with the config's training-only ones (dropout, Table 5) overlaid.
+    The architecture the config names must be the teacher's: a mismatch is an error naming the keys."""
+    want = {'arch': cfg.model.arch, 'img_resolution': cfg.model.resolution, 'img_channels': cfg.model.channels,
+            'label_dim': cfg.model.label_dim, 'sigma_data': cfg.model.sigma_data, **cfg.model.net}
+    have = {'arch': arch_name(teacher), **teacher.init_kwargs}
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    diff = [f'{k}={plain(v)!r} (teacher: {plain(have[k])!r})' for k, v in want.items()
+            if k not in TRAINING_KWARGS and k in have and plain(v) != plain(have[k])]
+    if diff:
+        raise ConfigError(f'the model config ({cfg.groups.get("model")}) does not describe the teacher '
+                          f'{cfg.model.teacher}: {", ".join(diff)}; select the model group that matches the teacher')
+    return {**teacher.init_kwargs, **{k: want[k] for k in TRAINING_KWARGS if k in want}}
+
 def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
                   should_stop=lambda: False) -> Trainer:
     """Generator and auxiliary initialised from the teacher (fp32), their engines, data, schedule, checkpoints."""
     t, s = cfg.train, cfg.schedule
-    G = build_network(cfg.model.arch, **teacher.init_kwargs)
+    G = build_network(cfg.model.arch, **student_kwargs(cfg, teacher))
     G.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
     G = G.to(device).requires_grad_(True)
     aux = make_auxiliary(G, cfg.aux.t_embed).requires_grad_(True)
@@ -158,7 +181,7 @@ def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: Dis
     trainer = build_trainer(cfg, teacher, device, env, should_stop)
     state = trainer.train()
     if env.rank == 0 and state.nimg >= cfg.train.kimg * 1000:
-        save_network(trainer.ema, cfg.model.arch, cfg.run_dir / 'generator.pt')
+        save_snapshot(cfg.run_dir / 'generator.pt', trainer.ema)
     return trainer.ema
 
 #----------------------------------------------------------------------------
@@ -220,6 +243,11 @@ def _sample_grid(cfg: Config, world: GMMWorld, specs, device: torch.device, cols
 
 #----------------------------------------------------------------------------
 
+def feature_evaluation(cfg: Config) -> bool:
+    """Real models (an official teacher, a non-toy network or real data) are evaluated with FID / FD-DINOv2
+    (generate.py); the toy world against its exact moments."""
+    return cfg.model.teacher is not None or cfg.model.arch != 'toy' or cfg.data.kind != 'gmm'
+
 def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> list[dict] | None:
     """Execute cfg.task on this rank (all ranks call it); returns the evaluation rows on rank 0."""
     env = env or distributed.discover()
@@ -235,6 +263,10 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
         if env.rank == 0:
             get_teacher(cfg, device, retrain=True)
         return None
+    if cfg.task == 'eval' and feature_evaluation(cfg):
+        from .generate import evaluate_features
+        return evaluate_features(cfg, device, env, should_stop, lambda: get_teacher(cfg, device), noise_range(cfg),
+                                 make_logger(cfg, 'eval', env.rank))
     if env.rank == 0:
         teacher = get_teacher(cfg, device)
     distributed.barrier()
@@ -246,7 +278,7 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     rows = None
     if cfg.task in ('eval', 'default'):
         if G is None:
-            G = load_network_file(run_dir / 'generator.pt').to(device)
+            G = load_snapshot(run_dir / 'generator.pt')[0].to(device)
         rows = evaluate_toy(cfg, teacher, G, device, env)
         if env.rank == 0:
             print(format_table(rows))

@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from cosim_dist.config import CONFIG_DIR, ConfigError, load_config, save_config
+from cosim_dist.config import CONFIG_DIR, ConfigError, group_choices, load_config, save_config
 
 ROOT = CONFIG_DIR.parent
 
@@ -20,7 +21,7 @@ def test_defaults_groups_and_overrides():
     (['trian.kimg=3'], "unknown config key 'trian' (did you mean 'train'?)"),
     (['train.kimgg=3'], "unknown config key 'train.kimgg' (did you mean 'kimg'?)"),
     (['model=nope'], "model='nope' is not a known model config; valid choices: "),
-    (['data=nope'], "data='nope' is not a known data config; valid choices: gmm"),
+    (['data=nope'], "data='nope' is not a known data config; valid choices: cifar10, gmm, imagenet512, imagenet64"),
     (['aux.t_embed=plain'], "aux.t_embed='plain' is invalid; valid choices: gated, sum"),
     (['task=fly'], "task='fly' is invalid; valid choices: default, pretrain, train, eval"),
     (['train.kimg=abc'], "bad value for 'train.kimg'"),
@@ -41,7 +42,7 @@ def test_saved_yaml_round_trips(tmp_path):
 def test_every_group_file_loads():
     for group_dir in (d for d in CONFIG_DIR.iterdir() if d.is_dir()):
         for path in group_dir.glob('*.yaml'):
-            load_config([f'{group_dir.name}={path.stem}'] + (['data=gmm'] if group_dir.name != 'data' else []))
+            load_config([f'{group_dir.name}={path.stem}', 'data.path=/data/shards'])
 
 def run_launch(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / 'launch.py'), *args], capture_output=True, text=True, cwd=cwd)
@@ -65,3 +66,58 @@ def test_launch_errors_are_one_line(tmp_path):
     blocked.write_text('')
     [line] = error_lines(run_launch(f'run.root={blocked}', 'logging.wandb=disabled'))
     assert 'not writable' in line and 'run.root=' in line
+
+# Parameters of each published teacher (tests/nets pin the architectures; here the configs must reproduce them).
+MODEL_PARAMS = {'edm-cifar10-uncond': 55_733_891, 'edm-cifar10-cond': 55_733_891 + 10 * 128 + 128,
+                'edm-in64': 295_899_267, 'edm2-xs': 124_713_253, 'edm2-s': 280_212_837, 'edm2-m': 497_807_781,
+                'edm2-l': 777_498_085, 'edm2-xl': 1_119_283_749, 'edm2-xxl': 1_523_164_773}
+SMALL_MODELS = ('edm-cifar10-uncond', 'edm-cifar10-cond', 'edm2-xs')    # run for real; the rest on the meta device
+
+def test_every_model_group_is_tested():
+    assert set(group_choices('model')) == {'toy', *MODEL_PARAMS}
+
+@pytest.mark.parametrize('name', sorted(MODEL_PARAMS))
+def test_model_configs_build_the_published_architectures(name):
+    from cosim_dist.tasks import new_network
+    cfg = load_config([f'model={name}', 'data.path=/data/shards'])
+    assert cfg.groups['data'] == {'edm-': 'cifar10' if 'cifar' in name else 'imagenet64'}.get(name[:4], 'imagenet512')
+    assert cfg.engine.backend == 'deepspeed' and cfg.train.batch == 2048 and cfg.eval.num_samples == 50000
+    device = 'cpu' if name in SMALL_MODELS else 'meta'
+    with torch.device(device):
+        net = new_network(cfg)
+        assert sum(p.numel() for p in net.parameters()) == MODEL_PARAMS[name]
+        x = torch.randn(2, cfg.model.channels, cfg.model.resolution, cfg.model.resolution)
+        labels = torch.eye(cfg.model.label_dim)[:2] if cfg.model.label_dim else None
+        with torch.no_grad():
+            D = net.eval()(x, torch.tensor([0.5, 20.0]), labels)
+    assert D.shape == x.shape and (device == 'meta' or D.isfinite().all())
+
+def test_model_configs_carry_table5_and_latent_constants():
+    s, m, l = (load_config([f'model=edm2-{k}', 'data.path=x']) for k in 'sml')
+    assert (s.schedule.ratio, m.schedule.ratio, l.schedule.ratio) == (8, 4, 4)
+    assert (s.model.net['dropout'], m.model.net['dropout'], l.model.net['dropout']) == (0, 0.1, 0.1)
+    assert (s.train.kimg, l.train.kimg) == (200_000, 20_000) and s.train.beta2 == 0.99 and s.train.batch_gpu == 32
+    assert s.model.latent_raw_mean == [5.81, 3.25, 0.12, -2.15] and s.model.latent_raw_std == [4.17, 4.62, 3.71, 3.28]
+    cifar = load_config(['model=edm-cifar10-cond', 'data.path=x'])
+    assert cifar.model.label_dim == 10 and cifar.model.net['dropout'] == 0 and cifar.train.beta2 == 0.999
+    assert load_config(['model=edm-in64', 'data.path=x']).schedule.ratio == 8
+
+def test_group_extends_and_defaults(tmp_path, monkeypatch):
+    """`extends` merges the parent first (child wins); `defaults` picks groups the command line leaves open; a cycle
+    is an error naming it."""
+    import cosim_dist.config as config
+    for group in ('model', 'data'):
+        (tmp_path / group).mkdir()
+    (tmp_path / 'data' / 'gmm.yaml').write_text('data: {kind: gmm}\n')
+    (tmp_path / 'data' / 'big.yaml').write_text('data: {kind: shards, path: /big}\n')
+    (tmp_path / 'model' / 'toy.yaml').write_text('model: {arch: toy}\n')
+    (tmp_path / 'model' / 'base.yaml').write_text('defaults: {data: big}\nmodel: {label_dim: 7, channels: 2}\n')
+    (tmp_path / 'model' / 'child.yaml').write_text('extends: base\nmodel: {label_dim: 9}\n')
+    (tmp_path / 'model' / 'loop.yaml').write_text('extends: loop\n')
+    monkeypatch.setattr(config, 'CONFIG_DIR', tmp_path)
+    cfg = load_config(['model=child'])
+    assert (cfg.model.label_dim, cfg.model.channels, cfg.data.path) == (9, 2, '/big')
+    assert cfg.groups == {'model': 'child', 'data': 'big'} and cfg.run.name == 'child-big'
+    assert load_config(['model=child', 'data=gmm']).data.kind == 'gmm'
+    with pytest.raises(ConfigError, match='`extends` forms a cycle: loop -> loop'):
+        load_config(['model=loop'])

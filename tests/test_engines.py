@@ -64,3 +64,44 @@ def test_batch_mismatch_is_a_clear_error(root):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert 'train.batch=16 must be a multiple of train.batch_gpu=3 x world size 2' in out.stderr
+
+@pytest.fixture(scope='module')
+def edm2_teacher(root):
+    """A small random EDM2 teacher snapshot (gains away from 0, so every layer learns)."""
+    from cosim_dist.nets import build_network
+    from cosim_dist.teacher_io import save_snapshot
+    torch.manual_seed(0)
+    net = build_network('edm2', **EDM2_SMALL)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(0.5)
+    save_snapshot(root / 'edm2-teacher.pt', net)
+    return root / 'edm2-teacher.pt'
+
+EDM2_SMALL = dict(img_resolution=16, img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                  attn_resolutions=[8])
+EDM2_ARGS = ['model.arch=edm2', 'model.channels=4', 'model.net.num_blocks=1', 'model.net.attn_resolutions=[8]',
+             'train.lr_g=0.2', 'train.lr_aux=0.2', 'train.kimg=0.064', 'train.ema_halflife_kimg=0']
+
+def mpconv_weights(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.startswith('unet.') and k.endswith('.weight') and v.ndim in (2, 4)}
+
+@pytest.mark.parametrize('stage', [2, 3])
+def test_edm2_weight_normalisation_reaches_zero_master_weights(root, edm2_teacher, stage):
+    """EDM2's forced weight normalisation after every step must reach ZeRO's fp32 master copy (and, under ZeRO-3, every
+    partition); otherwise the next step restores unnormalised weights. With large Adam steps (lr 0.2, every element
+    moves ~0.2) an unnormalised master would have row RMS ~1.04 per step; both the module (generator.pt, EMA = G here)
+    and the master weights reassembled from the ZeRO checkpoint must have unit-RMS rows."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    name = f'edm2-zero{stage}'
+    launch(root, name, f'model.teacher={edm2_teacher}', *EDM2_ARGS, f'engine.zero_stage={stage}', 'train.batch_gpu=8',
+           nproc=2)
+    [ckpt] = (root / name / 'checkpoints').glob('step-*')
+    master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / 'g'), tag='state')
+    for state in (generator(root, name), master):
+        weights = mpconv_weights(state)
+        assert len(weights) > 20
+        for k, w in weights.items():
+            rms = w.square().mean(list(range(1, w.ndim)))
+            torch.testing.assert_close(rms, torch.full_like(rms, 0.9998), atol=1e-3, rtol=0, msg=k)

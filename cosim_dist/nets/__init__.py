@@ -6,6 +6,9 @@ accepted by auxiliary networks (built with `aux_t_embed`), see `aux.py`. Each cl
 constructor arguments in `self.init_kwargs` so that copies (generator, auxiliary) and exports can rebuild it.
 """
 
+import dataclasses
+from typing import Callable
+
 import torch
 
 from . import edm, edm2, toy
@@ -25,3 +28,18 @@ def build_network(arch: str, **kwargs) -> torch.nn.Module:
         return ARCHS[arch](**kwargs)
     except TypeError as e:
         raise ValueError(f'model.net: bad arguments for architecture {arch!r}: {e}') from e
+
+# Constructor arguments that only act in training (a student may differ from its teacher in these).
+TRAINING_KWARGS = ('dropout',)
+
+@dataclasses.dataclass
+class WeightConstraint:
+    """A projection applied to some parameters, in place and without gradient, once before training and after every
+    optimiser step (the engines apply it to the master weights too)."""
+    params: list[torch.nn.Parameter]
+    project: Callable[[torch.Tensor], torch.Tensor]
+
+def weight_constraint(net: torch.nn.Module) -> WeightConstraint | None:
+    """EDM2's forced weight normalisation (Eq. 66) for every MPConv of net; None for other architectures."""
+    params = [m.weight for m in net.modules() if isinstance(m, edm2.MPConv)]
+    return WeightConstraint(params, edm2.normalize) if params else None

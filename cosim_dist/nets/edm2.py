@@ -2,8 +2,9 @@
 preconditioning and the logvar head u(sigma), built module by module like NVlabs/edm2 `training/networks_edm2.py`, so
 that `state_dict()` keys and shapes equal those of the official pickles (`unet.`, `logvar_fourier.`, `logvar_linear.`).
 
-Forced weight normalisation is not written inside `forward` (that breaks ZeRO-3 parameter sharding): the optimiser
-loop calls `normalize_weights_` after every step instead, which gives every forward the same weights."""
+Forced weight normalisation (Eq. 66) is not written inside `forward` (that breaks ZeRO-3 parameter sharding): the
+engines apply `nets.weight_constraint` before training and after every optimiser step instead, to the module and the
+optimiser's master weights, which gives every forward the same weights (tests/nets/test_edm2.py)."""
 
 import math
 from collections.abc import Sequence
@@ -65,15 +66,6 @@ class MPConv(nn.Module):
         w = normalize(self.weight.to(torch.float32))
         w = (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
         return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
-
-@torch.no_grad()
-def normalize_weights_(net: nn.Module) -> None:
-    """Forced weight normalisation (Eq. 66), w <- normalize(w) for every MPConv of `net`, in place. Call it once before
-    training and after every optimiser step: the official code writes the same values at the start of each training
-    forward, so both see identical weights at every forward. Under ZeRO-3, gather the parameters first."""
-    for m in net.modules():
-        if isinstance(m, MPConv):
-            m.weight.copy_(normalize(m.weight.to(torch.float32)))
 
 #----------------------------------------------------------------------------
 # Encoder/decoder block (Part II s.2 "Block", EDM2 Figure 21).

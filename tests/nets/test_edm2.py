@@ -6,8 +6,9 @@ import copy
 import pytest
 import torch
 
-from cosim_dist.nets import build_network
-from cosim_dist.nets.edm2 import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, normalize_weights_
+from cosim_dist.nets import build_network, weight_constraint
+from cosim_dist.engines import TorchEngine
+from cosim_dist.nets.edm2 import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
 
 SMALL = dict(img_resolution=16, img_channels=4, label_dim=10, model_channels=32, channel_mult=[1, 2], num_blocks=1,
              attn_resolutions=[8])
@@ -90,7 +91,7 @@ def test_forward_and_logvar():
 
 def test_post_step_weight_normalisation_equals_in_forward_normalisation():
     """The official MPConv overwrites its weight with normalize(weight) at the start of every training forward. Ours
-    leaves forward pure and applies normalize_weights_ before training and after each optimiser step. Both see the
+    leaves forward pure and its engines apply the weight constraint before training and after each optimiser step. Both see the
     same weights at every forward, so outputs, gradients and updates agree bit for bit."""
     torch.manual_seed(0)
     ours = build_network('edm2', **SMALL).train()
@@ -107,17 +108,18 @@ def test_post_step_weight_normalisation_equals_in_forward_normalisation():
     for m in official.modules():
         if isinstance(m, MPConv):
             m.register_forward_pre_hook(force_normalize)
-    opt_ours, opt_official = (torch.optim.Adam(n.parameters(), lr=0.05) for n in (ours, official))
+    engine = TorchEngine(ours, 0.05, (0.9, 0.999), 1e-8, constraint=weight_constraint(ours))   # normalises once
+    opt_official = torch.optim.Adam(official.parameters(), lr=0.05)
     x, sigma, labels = torch.randn(4, 4, 16, 16), torch.tensor([0.2, 0.7, 2.0, 9.0]), torch.eye(10)[:4]
-    normalize_weights_(ours)
+    edm2_loss = lambda out: (out[0].square() / out[1].exp() + out[1]).mean()
     for _ in range(3):
         out_ours, out_official = ours(x, sigma, labels, return_logvar=True), official(x, sigma, labels, return_logvar=True)
         assert all(torch.equal(a, b) for a, b in zip(out_ours, out_official))
-        for opt, (D, logvar) in ((opt_ours, out_ours), (opt_official, out_official)):
-            opt.zero_grad()
-            (D.square() / logvar.exp() + logvar).mean().backward()   # EDM2's loss shape
-            opt.step()
-        normalize_weights_(ours)
+        engine.backward(edm2_loss(out_ours))
+        engine.step()                                        # Adam step, then the constraint
+        opt_official.zero_grad()
+        edm2_loss(out_official).backward()
+        opt_official.step()
     official(x, sigma, labels, return_logvar=True)           # the official net normalises at its next forward
     for (name, p), q in zip(ours.named_parameters(), official.parameters()):
         assert torch.equal(p, q), name

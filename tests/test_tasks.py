@@ -1,0 +1,73 @@
+"""Component assembly (cosim_dist/tasks.py) for the published-model configs: the student's constructor arguments
+against the teacher's, the dataset against the model config, and a short real training run of a (tiny) EDM2 latent
+model from latent shards through the `edm2-xs` group."""
+
+import numpy as np
+import pytest
+import torch
+
+from cosim_dist import tasks
+from cosim_dist.config import ConfigError, load_config
+from cosim_dist.data import DatasetInfo, latent_scale_bias, shard_name, write_manifest, write_shard
+from cosim_dist.nets import build_network
+from cosim_dist.storage import open_store
+from cosim_dist.teacher_io import load_snapshot, save_snapshot
+
+TINY = ['model.resolution=8', 'model.label_dim=5', 'model.net.model_channels=16', 'model.net.channel_mult=[1,2]',
+        'model.net.num_blocks=1', 'model.net.attn_resolutions=[8]', 'data.num_workers=0']
+
+def tiny_edm2(dropout: float = 0.0) -> torch.nn.Module:
+    return build_network('edm2', img_resolution=8, img_channels=4, label_dim=5, model_channels=16, channel_mult=[1, 2],
+                         num_blocks=1, attn_resolutions=[8], dropout=dropout)
+
+def write_latents(url: str, raw_mean: list[float], raw_std: list[float], shards: int = 2, per_shard: int = 16) -> None:
+    scale, bias = latent_scale_bias(raw_mean, raw_std)
+    info = DatasetInfo(kind='latents', resolution=8, channels=4, label_count=5, latent_scale=scale, latent_bias=bias)
+    store, rng = open_store(url), np.random.default_rng(0)
+    sample = lambda key: {'__key__': key, 'mean.npy': rng.normal(raw_mean, raw_std, (8, 8, 4)).T.astype(np.float16),
+                          'std.npy': np.full((4, 8, 8), 0.1, np.float16), 'cls': int(rng.integers(5))}
+    entries = [write_shard(store, shard_name(s), [sample(f'{s:03d}{i:05d}') for i in range(per_shard)], info)
+               for s in range(shards)]
+    write_manifest(store, info, entries)
+
+def test_student_takes_the_teachers_architecture_and_the_configs_dropout():
+    cfg = load_config(['model=edm2-m', 'data.path=x', *TINY])          # edm2-m: Table 5 dropout 0.1
+    kwargs = tasks.student_kwargs(cfg, tiny_edm2(dropout=0.0))
+    assert kwargs['dropout'] == 0.1 and kwargs['model_channels'] == 16
+    with pytest.raises(ConfigError, match=r'model_channels=256 \(teacher: 16\).*select the model group'):
+        tasks.student_kwargs(load_config(['model=edm2-m', 'data.path=x', 'model.resolution=8', 'model.label_dim=5',
+                                          'model.net.num_blocks=1', 'model.net.attn_resolutions=[8]',
+                                          'model.net.channel_mult=[1,2]']), tiny_edm2())
+
+def test_dataset_must_match_the_model(tmp_path):
+    cfg = load_config(['model=edm2-xs', f'data.path={tmp_path}', *TINY])
+    write_latents(str(tmp_path), [0.0, 0, 0, 0], [1.0, 1, 1, 1])
+    with pytest.raises(ConfigError, match=r'latent scale/bias .* differ from the model'):
+        tasks.make_stream(cfg, 4, seed=0)
+    with pytest.raises(ConfigError, match=r'holds 4x8x8 samples with 5 classes, but model edm2-xs expects 4x8x8 with '
+                                          r'1000 classes'):
+        tasks.make_stream(load_config(['model=edm2-xs', f'data.path={tmp_path}', *TINY, 'model.label_dim=1000']), 4, 0)
+    with pytest.raises(ConfigError, match='holds latents but model toy is a pixel model'):
+        tasks.make_stream(load_config([f'data.path={tmp_path}', 'data.kind=shards', 'model.resolution=8',
+                                       'model.channels=4', 'model.label_dim=5']), 4, 0)
+
+def test_edm2_latent_training_run(tmp_path):
+    """model=edm2-xs (shrunk) distils a random tiny EDM2 teacher snapshot on EDM2-convention latent shards: the run
+    resolves its data group, checks the shards, trains with dropout from the config and normalised weights."""
+    cfg0 = load_config(['model=edm2-xs', 'data.path=x'])
+    write_latents(str(tmp_path / 'shards'), cfg0.model.latent_raw_mean, cfg0.model.latent_raw_std)
+    torch.manual_seed(0)
+    teacher = tiny_edm2(dropout=0.3)
+    save_snapshot(tmp_path / 'teacher.pt', teacher)
+    cfg = load_config(['model=edm2-xs', 'task=train', f'data.path={tmp_path / "shards"}',
+                       f'model.teacher={tmp_path / "teacher.pt"}', *TINY, 'engine.backend=torch', 'engine.precision=fp32',
+                       'train.batch=8', 'train.batch_gpu=8', 'train.kimg=0.032', 'train.log_kimg=0.016',
+                       'train.checkpoint_kimg=0', 'logging.wandb=disabled', 'logging.progress=false',
+                       f'run.root={tmp_path}', 'run.name=edm2', 'run.device=cpu'])
+    assert cfg.groups['data'] == 'imagenet512'
+    tasks.run(cfg)
+    G, _ = load_snapshot(tmp_path / 'edm2' / 'generator.pt')
+    assert G.init_kwargs['dropout'] == 0.0 and G.init_kwargs['model_channels'] == 16
+    w = G.unet.enc['8x8_block0'].conv_res0.weight
+    torch.testing.assert_close(w.square().mean([1, 2, 3]), torch.full([w.shape[0]], 0.9998), atol=2e-3, rtol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(G.state_dict().values(), teacher.state_dict().values()))
