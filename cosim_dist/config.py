@@ -14,7 +14,7 @@ from .engines import EngineConfig, TeacherConfig
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-TASKS = ('default', 'pretrain', 'train', 'eval')
+TASKS = ('default', 'pretrain', 'train', 'eval', 'bench')
 DEFAULT_GROUPS = {'model': 'toy', 'data': 'gmm'}
 
 class ConfigError(ValueError):
@@ -140,6 +140,12 @@ class EvalConfig:
     png_dir: str | None = None       # also write <png_dir>/<sampler>/<seed // 1000 * 1000>/<seed>.png
 
 @dataclasses.dataclass
+class BenchConfig:
+    warmup: int = 3                  # task=bench: untimed iterations first (allocator, autotuning, torch.compile)
+    iters: int = 10                  # timed iterations
+    peak_size: int = 8192            # matrix size of the matmul peak measurement (CPU: capped at 2048)
+
+@dataclasses.dataclass
 class LoggingConfig:
     wandb: str = 'offline'           # offline | online | disabled
     project: str = 'cosim-dist'      # wandb project
@@ -147,7 +153,7 @@ class LoggingConfig:
 
 @dataclasses.dataclass
 class Config:
-    task: str = 'default'            # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval
+    task: str = 'default'            # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval | bench
     groups: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_GROUPS))  # selected groups
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -162,6 +168,7 @@ class Config:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     @property
@@ -180,6 +187,7 @@ CHOICES = {
     'engine.backend': ('torch', 'deepspeed'),
     'engine.zero_stage': (0, 1, 2, 3),
     'engine.precision': ('fp32', 'bf16'),
+    'engine.compile': ('none', 'default', 'reduce-overhead', 'max-autotune'),
     'teacher.precision': ('auto', 'bf16', 'fp32'),
     'teacher.offload': ('none', 'cpu'),
 }
@@ -213,6 +221,16 @@ def validate(cfg: Config) -> None:
                 'train.aux_steps_per_gen'):
         if _get(cfg, key) <= 0:
             raise ConfigError(f'{key}={_get(cfg, key)} must be > 0')
+    for keys, ok, rule in ((('train.lr_g', 'train.lr_aux', 'train.eps', 'pretrain.lr', 'pretrain.kimg', 'model.sigma_data',
+                             'model.resolution', 'model.channels', 'schedule.sigma_min', 'schedule.rho', 'schedule.ratio',
+                             'checkpoint.keep'), lambda v: v > 0, '> 0'),
+                           (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
+                           (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'), lambda v: v >= 0, '>= 0')):
+        for key in keys:                # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)
+            if not ok(_get(cfg, key)):
+                raise ConfigError(f'{key}={_get(cfg, key)} must be {rule}')
+    if cfg.schedule.sigma_max <= cfg.schedule.sigma_min:
+        raise ConfigError(f'schedule.sigma_max={cfg.schedule.sigma_max} must exceed schedule.sigma_min={cfg.schedule.sigma_min}')
     if any(k < 1 for k in cfg.eval.steps):
         raise ConfigError(f'eval.steps={cfg.eval.steps}: every sampler step count K must be >= 1')
     for key, allowed in (('eval.samplers', ('heun', 'dpm', 'cosim')), ('eval.metrics', ('inception', 'dinov2'))):
@@ -225,6 +243,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f'loss.lmbda={cfg.loss.lmbda} must be >= 0')
     if not 0 < cfg.kernel.eta <= 1:
         raise ConfigError(f'kernel.eta={cfg.kernel.eta} must lie in (0, 1]')
+    if cfg.engine.compile != 'none' and (cfg.engine.zero_stage == 3 or cfg.teacher.offload == 'cpu'):
+        raise ConfigError(f'engine.compile={cfg.engine.compile} does not combine with ZeRO-3 parameter partitioning '
+                          f'(engine.zero_stage=3 or teacher.offload=cpu): use engine.compile=none or ZeRO stage <= 2')
     if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
         raise ConfigError('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: set engine.backend=deepspeed')
     if cfg.data.kind == 'shards' and not cfg.data.path:

@@ -14,13 +14,16 @@ import pathlib
 
 import torch
 
-from .nets import WeightConstraint
+from .nets import WeightConstraint, checkpoint_blocks
 
 @dataclasses.dataclass
 class EngineConfig:
     backend: str = 'torch'           # torch (one process, plain Adam) | deepspeed (ZeRO, any number of processes)
     zero_stage: int = 0              # DeepSpeed ZeRO stage 0-3 (generator and auxiliary)
     precision: str = 'fp32'          # fp32 | bf16 (autocast for G and aux; master weights stay fp32)
+    compile: str = 'none'            # torch.compile mode for G, aux and teacher: none | default | reduce-overhead (CUDA graphs) | max-autotune
+    channels_last: bool = False      # NHWC memory format for the networks (faster bf16 convolutions on GPUs)
+    checkpointing: bool = False      # activation checkpointing of every residual block of G and aux (memory option)
 
 @dataclasses.dataclass
 class TeacherConfig:
@@ -41,6 +44,25 @@ def sanitize_gradients(module: torch.nn.Module) -> None:
 
 #----------------------------------------------------------------------------
 
+def on_cuda(module: torch.nn.Module) -> bool:
+    """Whether module's parameters live on a GPU (then Adam runs as one fused kernel)."""
+    return next(module.parameters()).is_cuda
+
+def prepare_network(net: torch.nn.Module, cfg: EngineConfig, trained: bool) -> torch.nn.Module:
+    """The speed and memory options that act on the module itself: NHWC memory format and, for trained networks,
+    activation checkpointing of every residual block. (torch.compile wraps the module after engine set-up.)"""
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.checkpointing and trained:
+        checkpoint_blocks(net)
+    return net
+
+def compile_network(net: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile net's forward in place (engine.compile); 'reduce-overhead' also records CUDA graphs."""
+    if mode != 'none':
+        net.compile(mode=mode, dynamic=False)
+    return net
+
 @torch.no_grad()
 def project_(constraint: WeightConstraint | None) -> None:
     """Apply a weight constraint to plain (unpartitioned) parameters in place."""
@@ -53,7 +75,7 @@ class TorchEngine:
     def __init__(self, module: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, accum: int = 1,
                  constraint: WeightConstraint | None = None) -> None:
         self.module, self.accum, self.micro, self.constraint = module, accum, 0, constraint
-        self.optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps)
+        self.optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps, fused=on_cuda(module))
         sanitize_gradients(module)
         project_(constraint)
 
@@ -130,7 +152,7 @@ class DeepSpeedEngine:
         sanitize_gradients(module)
         _share_scalar_parameters(module, zero_stage)
         adam = {'type': 'AdamW', 'params': {'lr': lr, 'betas': list(betas), 'eps': eps, 'weight_decay': 0.0,
-                                            'torch_adam': True}}
+                                            'torch_adam': True, 'fused': on_cuda(module)}}
         self.zero_stage, self.constraint = zero_stage, constraint
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
                                                config=deepspeed_config(micro_batch, accum, world_size, zero_stage, adam))

@@ -13,7 +13,7 @@ from .storage import StorageConfig
 from .config import Config, ConfigError, batch_layout, config_hash, resume_fingerprint, save_config
 from . import distributed
 from .distributed import DistEnv
-from .engines import DeepSpeedEngine, TorchEngine, place_teacher
+from .engines import DeepSpeedEngine, TorchEngine, compile_network, place_teacher, prepare_network
 from .evaluate import (cosim_spec, dpm_spec, format_table, frechet_to_reference, heun_spec, sampler_moments,
                        seeded_inputs, tune_grid, write_results)
 from .metrics import MomentAccumulator
@@ -158,22 +158,30 @@ def student_kwargs(cfg: Config, teacher: torch.nn.Module) -> dict:
     return {**teacher.init_kwargs, **{k: want[k] for k in TRAINING_KWARGS if k in want}}
 
 def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
-                  should_stop=lambda: False) -> Trainer:
-    """Generator and auxiliary initialised from the teacher (fp32), their engines, data, schedule, checkpoints."""
-    t, s = cfg.train, cfg.schedule
+                  should_stop=lambda: False, data=None, checkpointer: CheckpointManager | None | str = 'config',
+                  logger: RunLogger | None = None, timer=None) -> Trainer:
+    """Generator and auxiliary initialised from the teacher (fp32), their engines, data, schedule, checkpoints, with
+    the engine's speed options (channels_last, activation checkpointing, torch.compile). `data`, `checkpointer`,
+    `logger` and `timer` replace the configured ones (the benchmark uses synthetic data and no checkpoints)."""
+    t, s, e = cfg.train, cfg.schedule, cfg.engine
     G = build_network(cfg.model.arch, **student_kwargs(cfg, teacher))
     G.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
     G = G.to(device).requires_grad_(True)
-    aux = make_auxiliary(G, cfg.aux.t_embed).requires_grad_(True)
+    aux = prepare_network(make_auxiliary(G, cfg.aux.t_embed).requires_grad_(True), e, trained=True)
+    G = prepare_network(G, e, trained=True)
     batch_gpu, _ = batch_layout(t, env.world_size)
     schedule = cosim.TimeSchedule(ratio=s.ratio, r_lo=s.r_lo, sigma_s_max=s.sigma_s_max, noise=noise_range(cfg))
-    return Trainer(teacher=place_teacher(teacher, cfg.teacher, device, env.world_size),
-                   g_engine=make_engine(cfg, G, t.lr_g, env), aux_engine=make_engine(cfg, aux, t.lr_aux, env),
-                   data=make_stream(cfg, batch_gpu, cfg.run.seed + 2, env), schedule=schedule, train=t, loss=cfg.loss,
-                   kernel=cfg.kernel, sigma_data=cfg.model.sigma_data, seed=cfg.run.seed,
-                   logger=make_logger(cfg, 'train', env.rank), device=device, precision=cfg.engine.precision,
-                   checkpointer=make_checkpointer(cfg, env), should_stop=should_stop,
-                   rank=env.rank, world_size=env.world_size, batch_gpu=batch_gpu, fingerprint=resume_fingerprint(cfg))
+    g_engine, aux_engine = make_engine(cfg, G, t.lr_g, env), make_engine(cfg, aux, t.lr_aux, env)
+    teacher = prepare_network(place_teacher(teacher, cfg.teacher, device, env.world_size), e, trained=False)
+    for net in (g_engine.module, aux_engine.module, teacher):
+        compile_network(net, e.compile)
+    return Trainer(teacher=teacher, g_engine=g_engine, aux_engine=aux_engine,
+                   data=data or make_stream(cfg, batch_gpu, cfg.run.seed + 2, env), schedule=schedule, train=t,
+                   loss=cfg.loss, kernel=cfg.kernel, sigma_data=cfg.model.sigma_data, seed=cfg.run.seed,
+                   logger=logger or make_logger(cfg, 'train', env.rank), device=device, precision=e.precision,
+                   checkpointer=make_checkpointer(cfg, env) if checkpointer == 'config' else checkpointer,
+                   should_stop=should_stop, rank=env.rank, world_size=env.world_size, batch_gpu=batch_gpu,
+                   fingerprint=resume_fingerprint(cfg), **({'timer': timer} if timer else {}))
 
 def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
            should_stop=lambda: False) -> torch.nn.Module:
@@ -262,6 +270,10 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     if cfg.task == 'pretrain':
         if env.rank == 0:
             get_teacher(cfg, device, retrain=True)
+        return None
+    if cfg.task == 'bench':
+        from .bench import run_bench
+        run_bench(cfg, device, env)
         return None
     if cfg.task == 'eval' and feature_evaluation(cfg):
         from .generate import evaluate_features

@@ -5,10 +5,12 @@ Randomness is a function of (seed, images seen): every step reseeds the global R
 times and noise of the *global* micro-batch from a step generator, each rank taking its slice, so a run
 gives the same result in 1 or N processes and resumes exactly from one counter."""
 
+import contextlib
 import dataclasses
 import pathlib
+import shutil
 import time
-from typing import Callable, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import torch
 
@@ -54,12 +56,14 @@ class Trainer:
                  schedule: cosim.TimeSchedule, train: TrainConfig, loss: LossConfig, kernel: KernelConfig,
                  sigma_data: float, seed: int, logger: RunLogger, device: torch.device, precision: str = 'fp32',
                  checkpointer: Checkpointer | None = None, should_stop: Callable[[], bool] = lambda: False,
-                 rank: int = 0, world_size: int = 1, batch_gpu: int | None = None, fingerprint: dict | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, batch_gpu: int | None = None, fingerprint: dict | None = None,
+                 timer: Callable[[str], ContextManager] = lambda phase: contextlib.nullcontext()) -> None:
         self.teacher, self.g, self.aux, self.data = teacher, g_engine, aux_engine, data
         self.schedule, self.train_cfg, self.loss_cfg, self.kernel_cfg = schedule, train, loss, kernel
         self.sigma_data, self.seed, self.logger, self.device, self.precision = sigma_data, seed, logger, device, precision
         self.checkpointer, self.should_stop = checkpointer, should_stop
         self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint or {}
+        self.timer = timer                      # phase -> context (the benchmark's per-phase clock)
         self.batch_gpu = batch_gpu or train.batch // world_size
         self.rounds = train.batch // (self.batch_gpu * world_size)
         self.alpha = cosim.generator_alpha(loss.lmbda, loss.alpha)
@@ -76,8 +80,14 @@ class Trainer:
         path = self.checkpointer.stage(self.state.nimg)
         client = {'state': dataclasses.asdict(self.state), 'ema': self.ema.state_dict(), 'data': self.data.state_dict(),
                   'config': self.fingerprint}
-        self.g.save(path / 'g', client_state=client)
-        self.aux.save(path / 'aux')
+        try:
+            self.g.save(path / 'g', client_state=client)
+            self.aux.save(path / 'aux')
+        except (OSError, RuntimeError) as e:    # torch.save reports a full disk as 'unexpected pos ...'
+            free = shutil.disk_usage(path).free / 2**20
+            raise OSError(f'checkpoint staging failed: could not write the state at {self.state.nimg} images into {path} '
+                          f'({type(e).__name__}: {e}); {free:.1f} MiB free on that disk (full?): free space or set '
+                          f'checkpoint.staging=DIR; the previous commit is intact') from e
         self.checkpointer.commit(self.state.nimg)
         self.saved_nimg = self.state.nimg
 
@@ -118,18 +128,22 @@ class Trainer:
         for _ in range(self.rounds):
             x0, c, s, t, n_t, n_s = self._micro_batch(gen)
             with torch.no_grad(), autocast(self.device, self.precision):
-                ks = cosim.transition_kernel(G, x0, c, s, t, n_t, n_s, self.kernel_cfg.eta)
-                D_phi = self.teacher(ks.x_s, s, c).float()
+                with self.timer('aux: generator (no grad)'):
+                    ks = cosim.transition_kernel(G, x0, c, s, t, n_t, n_s, self.kernel_cfg.eta)
+                with self.timer('aux: teacher'):
+                    D_phi = self.teacher(ks.x_s, s, c).float()
             ok = finite_rows(ks.x_s, D_phi)
             self._count_dropped(ok)
             c_ok = None if c is None else c[ok]
-            with autocast(self.device, self.precision):
+            with self.timer('aux: forward'), autocast(self.device, self.precision):
                 out = aux(ks.x_s[ok], s[ok], c_ok, sigma_t=t[ok], return_logvar=aux.has_logvar)
-            D_psi, logvar = out if aux.has_logvar else (out, None)
-            loss = cosim.aux_loss(D_psi.float(), ks.target[ok], D_phi[ok], s[ok], self.loss_cfg.lmbda, self.sigma_data,
-                                  None if logvar is None else logvar.float())
-            self.aux.backward(loss)
-            self.aux.step()
+                D_psi, logvar = out if aux.has_logvar else (out, None)
+                loss = cosim.aux_loss(D_psi.float(), ks.target[ok], D_phi[ok], s[ok], self.loss_cfg.lmbda,
+                                      self.sigma_data, None if logvar is None else logvar.float())
+            with self.timer('aux: backward'):
+                self.aux.backward(loss)
+            with self.timer('aux: optimiser'):
+                self.aux.step()
             total += loss.item() / self.rounds
         return total
 
@@ -145,14 +159,19 @@ class Trainer:
             for _ in range(self.rounds):
                 x0, c, s, t, n_t, n_s = self._micro_batch(gen)
                 with autocast(self.device, self.precision):
-                    ks = cosim.transition_kernel(G, x0, c, s, t, n_t, n_s, self.kernel_cfg.eta)
-                    D_phi = self.teacher(ks.x_s, s, c).float()
-                    D_psi = aux(ks.x_s, s, c, sigma_t=t).float()
+                    with self.timer('gen: generator forward'):
+                        ks = cosim.transition_kernel(G, x0, c, s, t, n_t, n_s, self.kernel_cfg.eta)
+                    with self.timer('gen: teacher'):
+                        D_phi = self.teacher(ks.x_s, s, c).float()
+                    with self.timer('gen: aux forward'):
+                        D_psi = aux(ks.x_s, s, c, sigma_t=t).float()
                 ok = finite_rows(ks.x_s, D_phi, D_psi)
                 self._count_dropped(ok)
                 loss = cosim.generator_loss(ks.target[ok].float(), D_phi[ok], D_psi[ok], self.alpha, self.loss_cfg.gen_scale)
-                self.g.backward(loss)
-                self.g.step()
+                with self.timer('gen: backward'):
+                    self.g.backward(loss)
+                with self.timer('gen: optimiser'):
+                    self.g.step()
                 total += loss.item() / self.rounds
         finally:
             aux.requires_grad_(True)
@@ -160,8 +179,20 @@ class Trainer:
 
     def ema_step(self) -> None:
         beta = cosim.ema_beta(self.train_cfg.batch, self.state.nimg, self.train_cfg.ema_halflife_kimg, self.train_cfg.ema_rampup)
-        with self.g.full_parameters():
+        with self.timer('ema'), self.g.full_parameters():
             cosim.ema_update(self.ema, self.g.module, beta)
+
+    def iteration(self) -> tuple[float, float]:
+        """One Eq. L1 iteration at the current image count: auxiliary step(s), generator step, EMA; returns the
+        (auxiliary, generator) losses. Randomness is reseeded from (seed, rank, nimg) first (resume is exact)."""
+        torch.manual_seed(step_seed(self.seed, self.rank, self.state.nimg))          # dropout
+        gen = torch.Generator(self.device).manual_seed(step_seed(self.seed, self.state.nimg))
+        steps = self.train_cfg.aux_steps_per_gen
+        loss_aux = sum(self.aux_step(gen) for _ in range(steps)) / steps
+        loss_gen = self.generator_step(gen)
+        self.state.nimg += self.train_cfg.batch
+        self.ema_step()
+        return loss_aux, loss_gen
 
     #------------------------------------------------------------------------
 
@@ -180,13 +211,9 @@ class Trainer:
             if any_rank(self.should_stop()):
                 log.info(f'stop requested: saving at {self.state.nimg / 1000:.1f} kimg')
                 break
-            torch.manual_seed(step_seed(self.seed, self.rank, self.state.nimg))          # dropout
-            gen = torch.Generator(self.device).manual_seed(step_seed(self.seed, self.state.nimg))
-            for _ in range(cfg.aux_steps_per_gen):
-                sums['loss/aux'] += self.aux_step(gen) / cfg.aux_steps_per_gen
-            sums['loss/gen'] += self.generator_step(gen)
-            self.state.nimg += batch
-            self.ema_step()
+            loss_aux, loss_gen = self.iteration()
+            sums['loss/aux'] += loss_aux
+            sums['loss/gen'] += loss_gen
             count += 1
             self.logger.advance(batch, aux=sums['loss/aux'] / count, gen=sums['loss/gen'] / count)
             done = self.state.nimg >= total

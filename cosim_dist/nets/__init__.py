@@ -7,9 +7,11 @@ constructor arguments in `self.init_kwargs` so that copies (generator, auxiliary
 """
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 
 from . import edm, edm2, toy
 
@@ -43,3 +45,20 @@ def weight_constraint(net: torch.nn.Module) -> WeightConstraint | None:
     """EDM2's forced weight normalisation (Eq. 66) for every MPConv of net; None for other architectures."""
     params = [m.weight for m in net.modules() if isinstance(m, edm2.MPConv)]
     return WeightConstraint(params, edm2.normalize) if params else None
+
+# The residual blocks: units of activation checkpointing.
+BLOCKS = (toy.ResBlock, edm.UNetBlock, edm2.Block)
+
+def checkpoint_blocks(net: torch.nn.Module) -> int:
+    """Activation checkpointing: every residual block of net recomputes its activations in the backward pass instead of
+    keeping them (memory for ~1 extra forward). Dropout masks are replayed exactly (RNG state preserved). Returns the
+    number of blocks wrapped."""
+    blocks = [m for m in net.modules() if isinstance(m, BLOCKS)]
+    for m in blocks:
+        m.forward = functools.partial(_recompute, m.forward)
+    return len(blocks)
+
+def _recompute(forward: Callable, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)

@@ -83,10 +83,10 @@ def positional_embedding(x: torch.Tensor, channels: int, endpoint: bool = False,
     x = x.outer(freqs)
     return torch.cat([x.sin(), x.cos()] if sin_first else [x.cos(), x.sin()], dim=1)
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax over keys of q^T k / sqrt(c), in fp32 (q, k: [N, c, HW])."""
-    w = torch.einsum('ncq,nck->nqk', q.float(), k.float() / math.sqrt(k.shape[1]))
-    return w.softmax(dim=2).to(q.dtype)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Self-attention with channels first (q, k, v: [..., c, HW]): v softmax_keys(q^T k / sqrt(c)), through the fused
+    scaled-dot-product kernel (flash / memory-efficient on GPU; fp32 accumulation of the softmax)."""
+    return F.scaled_dot_product_attention(q.mT, k.mT, v.mT).mT
 
 #----------------------------------------------------------------------------
 # Residual block of DDPM++ and ADM (Part II s.3 "UNetBlock parameters").
@@ -129,7 +129,7 @@ class UNetBlock(nn.Module):
         if self.num_heads:
             qkv = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1)
             q, k, v = qkv.unbind(2)
-            a = torch.einsum('nqk,nck->ncq', attention_weights(q, k), v)
+            a = attention(q, k, v)
             x = (self.proj(a.reshape(x.shape)) + x) * self.skip_scale
         return x
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .edm import EDMPrecond, build_levels, resample, run_levels
+from .edm import EDMPrecond, attention, build_levels, resample, run_levels
 
 #----------------------------------------------------------------------------
 # Magnitude-preserving primitives (Part II s.2 "Magnitude-preserving primitives"; equation numbers of the EDM2 paper).
@@ -105,8 +105,7 @@ class Block(nn.Module):
             y = self.attn_qkv(x)
             y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
             q, k, v = normalize(y, dim=2).unbind(3)                           # pixel norm and split
-            w = torch.einsum('nhcq,nhck->nhqk', q, k / math.sqrt(q.shape[2])).softmax(dim=3)
-            y = self.attn_proj(torch.einsum('nhqk,nhck->nhcq', w, v).reshape(x.shape))
+            y = self.attn_proj(attention(q, k, v).reshape(x.shape))
             x = mp_sum(x, y, t=self.attn_balance)
         return x if self.clip_act is None else x.clip(-self.clip_act, self.clip_act)
 

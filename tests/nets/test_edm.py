@@ -1,5 +1,7 @@
 """EDM teachers (cosim_dist/nets/edm.py): official parameter counts and names, and the denoiser contract."""
 
+import math
+
 import pytest
 import torch
 
@@ -75,3 +77,10 @@ def test_low_precision_parameters(arch):
     D = net.to(torch.bfloat16)(x, sigma)
     assert D.dtype == torch.float32
     torch.testing.assert_close(D, net.float()(x, sigma), atol=0.1, rtol=0)
+
+def test_fused_attention_equals_the_reference_formula():
+    """Both UNet families use the fused kernel; it must equal EDM's fp32 einsum formula (Part II s.3)."""
+    from cosim_dist.nets.edm import attention
+    q, k, v = torch.randn(3, 2, 16, 64, dtype=torch.float64).unbind(0)          # [N, c, HW]
+    w = torch.einsum('ncq,nck->nqk', q, k / math.sqrt(k.shape[1])).softmax(dim=2)
+    torch.testing.assert_close(attention(q, k, v), torch.einsum('nqk,nck->ncq', w, v), rtol=1e-10, atol=1e-10)
