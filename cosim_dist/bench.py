@@ -158,8 +158,9 @@ def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> di
 def format_result(r: dict) -> str:
     lines = [f'{r["model"]} on {r["device"]} x{r["world_size"]}: batch {r["batch"]} ({r["batch_gpu"]} per rank x '
              f'{r["rounds"]} rounds), {r["precision"]}, compile={r["compile"]}, channels_last={r["channels_last"]}, '
-             f'checkpointing={r["checkpointing"]}, {r["backend"]} ZeRO-{r["zero_stage"]}',
-             f'  {r["images_per_s"]:.1f} images/s, {r["ms_per_iteration"]:.1f} ms/iteration, '
+             f'checkpointing={r["checkpointing"]}, '
+             + (f'deepspeed ZeRO-{r["zero_stage"]}' if r['backend'] == 'deepspeed' else 'torch engine'),
+             f'  {r["images_per_s"]:.3g} images/s, {r["ms_per_iteration"]:.1f} ms/iteration, '
              f'{r["gflop_per_image"]:.1f} GFLOP/image, MFU {100 * r["mfu"]:.1f}% of a measured '
              f'{r["matmul_peak_tflops"]:.1f} TFLOP/s, peak memory {r["peak_memory_gib"]:.2f} GiB ({r["peak_memory_kind"]}), '
              f'saved activations {r["activation_gib_per_rank"]:.2f} GiB per rank',

@@ -248,7 +248,7 @@ def validate(cfg: Config) -> None:
                           f'(engine.zero_stage=3 or teacher.offload=cpu): use engine.compile=none or ZeRO stage <= 2')
     if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
         raise ConfigError('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: set engine.backend=deepspeed')
-    if cfg.data.kind == 'shards' and not cfg.data.path:
+    if cfg.data.kind == 'shards' and not cfg.data.path and cfg.task not in ('bench', 'eval'):  # neither reads data
         raise ConfigError('data.kind=shards needs data.path=<shard directory or s3:// prefix>')
 
 #----------------------------------------------------------------------------
