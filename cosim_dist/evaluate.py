@@ -19,19 +19,23 @@ class SamplerSpec:
     nfe: int                  # network evaluations per sample
     extra_draws: int          # Gaussian draws per sample beyond z (K - 1 for Eq. S1)
     fn: Sampler               # (z, labels, noise draws) -> images
+    grid: list[float]         # the noise levels the sampler visits (recorded with its results)
+
+def _solver_grid(num_points: int, noise: cosim.NoiseRange) -> list[float]:
+    return cosim.edm_grid(num_points, noise).tolist() + [0.0]
 
 def heun_spec(teacher: torch.nn.Module, num_steps: int, noise: cosim.NoiseRange) -> SamplerSpec:
     return SamplerSpec(f'teacher Heun (N={num_steps})', 2 * num_steps - 1, 0,
-                       lambda z, c, _: cosim.heun_sample(teacher, z, c, num_steps, noise))
+                       lambda z, c, _: cosim.heun_sample(teacher, z, c, num_steps, noise), _solver_grid(num_steps, noise))
 
 def dpm_spec(teacher: torch.nn.Module, nfe: int, noise: cosim.NoiseRange) -> SamplerSpec:
     return SamplerSpec(f'teacher DPM-Solver++(2M) (N={nfe})', nfe, 0,
-                       lambda z, c, _: cosim.dpm_solver_2m_sample(teacher, z, c, nfe, noise))
+                       lambda z, c, _: cosim.dpm_solver_2m_sample(teacher, z, c, nfe, noise), _solver_grid(nfe, noise))
 
 def cosim_spec(G: torch.nn.Module, grid: list[float], name: str = 'CoSIM') -> SamplerSpec:
     """Eq. S1 over an explicit grid tau_K > ... > tau_1."""
     return SamplerSpec(f'{name} K={len(grid)}', len(grid), len(grid) - 1,
-                       lambda z, c, n: cosim.cosim_sample(G, z, c, grid, n))
+                       lambda z, c, n: cosim.cosim_sample(G, z, c, grid, n), list(grid))
 
 def seeded_inputs(seeds: range, shape: tuple[int, ...], label_dim: int, extra_draws: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
@@ -80,10 +84,13 @@ def write_results(rows: list[dict], path: pathlib.Path) -> None:
     """eval.json: one entry per sampler with name, NFE and frechet_distance."""
     path.write_text(json.dumps(rows, indent=2) + '\n')
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns: dict[str, str] | None = None) -> str:
+    """One line per row: sampler name, NFE and each column (row key -> header; default the Frechet distance)."""
+    columns = columns or {'frechet_distance': 'Frechet distance'}
     width = max(len(r['name']) for r in rows)
-    lines = [f'{"sampler":<{width}}  {"NFE":>4}  {"Frechet distance":>16}', '-' * (width + 24)]
-    lines += [f'{r["name"]:<{width}}  {r["nfe"]:>4}  {r["frechet_distance"]:>16.4f}' for r in rows]
+    head = ''.join(f'  {h:>16}' for h in columns.values())
+    lines = [f'{"sampler":<{width}}  {"NFE":>4}{head}', '-' * (width + 6 + 18 * len(columns))]
+    lines += [f'{r["name"]:<{width}}  {r["nfe"]:>4}' + ''.join(f'  {r[k]:>16.4f}' for k in columns) for r in rows]
     return '\n'.join(lines)
 
 def frechet_to_reference(acc: MomentAccumulator, ref_mu, ref_sigma) -> float:

@@ -17,6 +17,15 @@ from torch import nn
 from torch.nn import functional as F
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# sha256 of the official `weights-inception-2015-12-05-6726825d.pth` (95,628,359 bytes; the same bytes as pytorch-fid's
+# `pt_inception-2015-12-05-6726825d.pth`; the name carries its first 8 hex digits, torch.hub's convention).
+INCEPTION_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
+INCEPTION_RESIZE = 'TF1-compatible bilinear to 299x299 (torch-fidelity inception-v3-compat)'
+DINOV2_RESIZE = 'bicubic + antialias to 224x224, ImageNet mean/std (EDM2)'
+
+def is_official_inception(sha256: str) -> bool:
+    """Whether Inception weights with this sha256 give numbers that may be called FID."""
+    return sha256 == INCEPTION_SHA256
 
 def weights_file(path: str | pathlib.Path | None, what: str, official: str) -> pathlib.Path:
     """A readable weights file, or a clear error saying which file to provide and where."""

@@ -32,6 +32,14 @@ class MomentAccumulator:
         d = len(self.sum)
         self.n, self.sum, self.outer = int(flat[0].item()), flat[1:1 + d], flat[1 + d:].reshape(d, d)
 
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        return {'n': self.n, 'sum': self.sum.clone(), 'outer': self.outer.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
+        if state['sum'].shape != self.sum.shape:
+            raise ValueError(f'moment state of dimension {state["sum"].shape[0]} does not fit dimension {self.sum.shape[0]}')
+        self.n, self.sum, self.outer = int(state['n']), state['sum'].to(torch.float64), state['outer'].to(torch.float64)
+
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         mu = self.sum / self.n
         sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)

@@ -30,6 +30,7 @@ import torch
 
 from cosim_dist.data import (SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, CorruptShard, DatasetInfo, ShardEntry, latent_scale_bias,
                              load_shard, read_manifest, write_manifest, write_shard)
+from cosim_dist.decode import load_vae
 from cosim_dist.storage import ObjectStore, StorageConfig, open_store
 
 ENTRIES = '_entries' # one JSON ShardEntry per finished output shard
@@ -98,10 +99,9 @@ def finalize(out: ObjectStore, info: DatasetInfo, names: list[str]) -> bool:
 # Encoding.
 
 def _load_vae(path: str, task: int) -> tuple[torch.nn.Module, torch.device]:
-    from diffusers import AutoencoderKL
     gpus = torch.cuda.device_count()
     device = torch.device(f'cuda:{task % gpus}' if gpus else 'cpu')
-    return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).eval().requires_grad_(False).to(device), device
+    return load_vae(path, device), device
 
 @torch.no_grad()
 def _encode(vae: torch.nn.Module, device: torch.device, samples: list[dict[str, Any]], batch: int, dtype: str) -> Iterator[dict[str, Any]]:

@@ -40,3 +40,23 @@ def s3_env(s3_endpoint, monkeypatch):
 def slurm_cluster():
     """SlurmTestbed (node, cpus, low and high partitions) of the running single-node Slurm."""
     yield from load_helper('services/slurm.py').testbed_session()
+
+#----------------------------------------------------------------------------
+# Random-weight files for the real feature extractors and the VAE (no official weights exist on this machine).
+
+@pytest.fixture(scope='session')
+def inception_weights(tmp_path_factory) -> pathlib.Path:
+    """A Kaiming-initialised torch-fidelity Inception-V3 state dict with the official keys, as a .pth file."""
+    return load_helper('helpers/random_weights.py').write_inception(tmp_path_factory.mktemp('inception') / 'inception.pth')
+
+@pytest.fixture(scope='session')
+def dinov2_weights(tmp_path_factory) -> pathlib.Path:
+    """A Kaiming-initialised DINOv2 ViT-L/14 state dict with the official parameter names."""
+    path = tmp_path_factory.mktemp('dinov2') / 'dinov2_vitl14_pretrain.pth'
+    return load_helper('helpers/random_weights.py').write_dinov2(path)
+
+@pytest.fixture(scope='session')
+def tiny_vae(tmp_path_factory) -> str:
+    """A randomly initialised AutoencoderKL directory with one downsampling (32x32 pixels <-> 4x16x16 latents)."""
+    helper = load_helper('helpers/random_weights.py')
+    return helper.write_vae(tmp_path_factory.mktemp('vae'), helper.TINY_VAE)

@@ -27,6 +27,13 @@ def test_defaults_groups_and_overrides():
     (['train.kimg=abc'], "bad value for 'train.kimg'"),
     (['train.batch=0'], 'train.batch=0 must be > 0'),
     (['kernel.eta=0'], 'kernel.eta=0.0 must lie in (0, 1]'),
+    (['train.lr_g=-1e-4'], 'train.lr_g=-0.0001 must be > 0'),
+    (['train.beta2=1'], 'train.beta2=1.0 must be in [0, 1)'),
+    (['train.ema_halflife_kimg=-2'], 'train.ema_halflife_kimg=-2.0 must be >= 0'),
+    (['checkpoint.keep=0'], 'checkpoint.keep=0 must be > 0'),
+    (['schedule.sigma_max=0.001'], 'schedule.sigma_max=0.001 must exceed schedule.sigma_min=0.002'),
+    (['eval.samplers=[heun,euler]'], "eval.samplers=['heun', 'euler'] is invalid; give a non-empty list of: heun, dpm, cosim"),
+    (['eval.metrics=[]'], 'eval.metrics=[] is invalid; give a non-empty list of: inception, dinov2'),
     (['positional'], "cannot parse argument 'positional'"),
 ])
 def test_bad_config_is_a_clear_error(args, message):

@@ -6,21 +6,11 @@ import torch
 
 from cosim_dist import extractors
 
-def kaiming_(net: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    for p in net.parameters():
-        if p.dim() > 1:
-            torch.nn.init.kaiming_normal_(p, generator=gen)
-    return net
-
 def images(n: int, size: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
-def test_dinov2_from_file(tmp_path):
-    net = kaiming_(extractors.DinoV2())
-    torch.nn.init.normal_(net.pos_embed, std=0.02)
-    torch.save(net.state_dict(), tmp_path / 'dinov2_vitl14_pretrain.pth')
-    feats = extractors.dinov2_vitl14(tmp_path / 'dinov2_vitl14_pretrain.pth')
+def test_dinov2_from_file(dinov2_weights):
+    feats = extractors.dinov2_vitl14(dinov2_weights)
     with torch.no_grad():
         a, b = feats(images(2, 64, 0)), feats(images(2, 64, 0))
         c = feats(images(1, 96, 1))
@@ -35,14 +25,8 @@ def test_dinov2_position_embedding_interpolation_matches_grid():
     assert torch.equal(net._pos_embed(4, 4), net.pos_embed)
     assert net._pos_embed(16, 16).shape == (1, 16 * 16 + 1, 8)
 
-def test_inception_from_file(tmp_path, monkeypatch):
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    with monkeypatch.context() as m:                     # only to obtain a random state dict with the official keys
-        m.setattr(FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
-        m.setattr('torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url', lambda *a, **k: {})
-        random_net = kaiming_(FeatureExtractorInceptionV3('inception-v3-compat', ['2048']))
-    torch.save(random_net.state_dict(), tmp_path / 'inception.pth')
-    feats = extractors.inception_v3(tmp_path / 'inception.pth')
+def test_inception_from_file(inception_weights):
+    feats = extractors.inception_v3(inception_weights)
     with torch.no_grad():
         f = feats(images(3, 32, 2))
     assert f.shape == (3, 2048) and torch.isfinite(f).all() and (f[0] - f[1]).abs().mean() > 0

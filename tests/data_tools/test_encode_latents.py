@@ -18,18 +18,6 @@ from data_tools.make_shards import main as make_shards
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-@pytest.fixture(scope='module')
-def tiny_vae(tmp_path_factory) -> str:
-    """A randomly initialised AutoencoderKL with one downsampling (32x32 pixels -> 4x16x16 latents)."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
-                        up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=32)
-    path = tmp_path_factory.mktemp('vae')
-    vae.save_pretrained(path)
-    return str(path)
-
 @pytest.fixture
 def pixels(tmp_path) -> str:
     """24 generated 3x32x32 images in 3 classes as 6 pixel shards."""

@@ -1,0 +1,165 @@
+"""`task=eval` for real models end to end: tiny SongUNet / EDM2 networks, a tiny VAE and the real extractors with
+random Kaiming weights read from files. Same generator and seeds as the reference -> ~0, another generator -> > 0;
+a stopped evaluation resumes to exactly the uninterrupted result; 2 ranks give the statistics of 1."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cosim_dist import tasks
+from cosim_dist.config import CONFIG_DIR, load_config
+from cosim_dist.generate import rank_chunks, seed_chunks
+from cosim_dist.metrics import save_ref
+from cosim_dist.nets import build_network
+from cosim_dist.storage import sha256_file
+from cosim_dist.teacher_io import save_snapshot
+from data_tools.ref_stats import main as ref_stats
+
+SONG = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[], dropout=0.0)
+EDM2 = dict(img_resolution=16, img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[])
+
+def snapshot(path: pathlib.Path, arch: str, kwargs: dict, seed: int) -> str:
+    torch.manual_seed(seed)
+    save_snapshot(path, build_network(arch, **kwargs))
+    return str(path)
+
+@pytest.fixture(scope='module')
+def nets(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp('nets')
+    return {'g1': snapshot(root / 'g1.pt', 'songunet', SONG, 1), 'g2': snapshot(root / 'g2.pt', 'songunet', SONG, 2),
+            'edm2': snapshot(root / 'edm2.pt', 'edm2', EDM2, 3)}
+
+@pytest.fixture(scope='module')
+def dummy_ref(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp('ref') / 'zero.pkl'
+    save_ref(path, {'fid': (np.zeros(2048), np.eye(2048)), 'fd_dinov2': (np.zeros(1024), np.eye(1024))})
+    return str(path)
+
+def eval_args(root: pathlib.Path, name: str, generator: str, ref: str, weights: pathlib.Path, *extra: str) -> list[str]:
+    return [f'run.root={root}', f'run.name={name}', 'task=eval', 'run.device=cpu', 'model.arch=songunet',
+            f'eval.generator={generator}', 'eval.samplers=[cosim]', 'eval.steps=[1,2]', 'eval.metrics=[inception]',
+            f'eval.inception_weights={weights}', f'eval.ref={ref}', 'eval.num_samples=12', 'eval.batch=4', 'eval.chunk=6',
+            'logging.wandb=disabled', 'logging.progress=false', *extra]
+
+def run_eval(args: list[str], should_stop=lambda: False) -> list[dict] | None:
+    return tasks.run(load_config(args), should_stop=should_stop)
+
+#----------------------------------------------------------------------------
+
+def test_seed_chunks_do_not_depend_on_world_size():
+    seeds = range(3, 50)
+    assert [s for c in seed_chunks(seeds, 10) for s in c] == list(seeds)
+    for world in (1, 2, 3, 8):
+        chunks = [c for r in range(world) for c in rank_chunks(seeds, 10, r, world)]
+        assert sorted(chunks, key=lambda c: c.start) == seed_chunks(seeds, 10)
+
+def test_eval_json_records_weights_reference_seeds_and_grid(tmp_path, nets, dummy_ref, inception_weights):
+    rows = run_eval(eval_args(tmp_path, 'j', nets['g1'], dummy_ref, inception_weights, 'eval.steps=[2]', 'eval.seed=5',
+                              'eval.num_samples=4', f'eval.png_dir={tmp_path}/png'))
+    assert json.loads((tmp_path / 'j' / 'eval.json').read_text()) == rows and len(rows) == 1
+    row, meta = rows[0], rows[0]['metrics']['fd_inception']           # random weights: never called FID
+    assert 'fid' not in row and row['fd_inception'] > 0 and meta['official_weights'] is False
+    assert meta['weights_sha256'] == sha256_file(inception_weights) and meta['reference_sha256'] == sha256_file(dummy_ref)
+    assert meta['reference'] == dummy_ref and 'bilinear' in meta['resize'] and meta['features'] == 2048
+    assert (row['name'], row['num_images'], row['seeds'], row['nfe'], len(row['grid'])) == ('CoSIM K=2', 4, [5, 8], 2, 2)
+    assert row['network'] == {'path': nets['g1'], 'sha256': sha256_file(nets['g1'])}
+    pngs = next((tmp_path / 'png').iterdir())
+    assert sorted(p.name for p in (pngs / '000000').iterdir()) == [f'{i:06d}.png' for i in range(5, 9)]
+
+@pytest.mark.slow
+def test_own_pngs_as_reference_give_zero_and_another_network_more(tmp_path, nets, dummy_ref, inception_weights,
+                                                                  caplog):
+    args = eval_args(tmp_path, 'a', nets['g1'], dummy_ref, inception_weights, 'eval.steps=[2]', 'eval.num_samples=8',
+                     'eval.chunk=4')
+    run_eval(args + [f'eval.png_dir={tmp_path}/png'])
+    pngs = next((tmp_path / 'png').iterdir())
+    assert ref_stats(['--data', str(pngs), '--out', str(tmp_path / 'own.pkl'), '--resolution', '16',
+                      '--inception-weights', str(inception_weights)]) == 0
+    # The same run again (its sums are reused) against its own PNGs, next to another network's DPM-Solver row.
+    with caplog.at_level('INFO', logger='cosim_dist'):
+        other, same = run_eval(args + [f'eval.ref={tmp_path}/own.pkl', f'model.teacher={nets["g2"]}',
+                                       'eval.samplers=[dpm,cosim]', 'eval.dpm_nfe=[2]'])
+    assert 'CoSIM K=2: finished before' in caplog.text
+    assert same['name'] == 'CoSIM K=2' and abs(same['fd_inception']) < 1e-6 * other['fd_inception']
+    assert other['fd_inception'] > 1e-3
+
+@pytest.mark.slow
+def test_stopped_evaluation_resumes_to_the_uninterrupted_result(tmp_path, nets, dummy_ref, inception_weights, caplog):
+    extra = ('eval.steps=[2]', 'eval.num_samples=8', 'eval.chunk=4')
+    full = run_eval(eval_args(tmp_path, 'full', nets['g1'], dummy_ref, inception_weights, *extra))
+    args = eval_args(tmp_path, 'cut', nets['g1'], dummy_ref, inception_weights, *extra)
+    answers = iter([False, True])                # one chunk, then a stop request at the chunk boundary
+    assert run_eval(args, should_stop=lambda: next(answers)) is None
+    assert not (tmp_path / 'cut' / 'eval.json').exists()
+    with caplog.at_level('INFO', logger='cosim_dist'):
+        resumed = run_eval(args)
+    assert 'CoSIM K=2: resuming with 1 of 2 chunks done' in caplog.text
+    assert resumed == full                       # exactly: same chunks, same order of float64 sums
+    assert not list((tmp_path / 'cut' / 'eval_state').glob('*/rank-*.pt'))
+
+@pytest.mark.slow
+def test_latent_model_with_baselines_decodes_through_the_vae(tmp_path, nets, dummy_ref, inception_weights, tiny_vae):
+    args = eval_args(tmp_path, 'l', nets['edm2'], dummy_ref, inception_weights, 'model.arch=edm2', 'model.channels=4',
+                     f'model.teacher={nets["edm2"]}', 'eval.samplers=[heun,dpm,cosim]', 'eval.heun_steps=2',
+                     'eval.dpm_nfe=[2]', 'eval.steps=[2]', 'eval.num_samples=4', f'eval.png_dir={tmp_path}/png')
+    with pytest.raises(FileNotFoundError, match='eval.vae=DIR'):
+        run_eval(args)
+    rows = run_eval(args + [f'eval.vae={tiny_vae}', 'eval.decode_batch=3'])
+    assert [(r['name'], r['nfe']) for r in rows] == [('teacher Heun (N=2)', 3), ('teacher DPM-Solver++(2M) (N=2)', 2),
+                                                      ('CoSIM K=2', 2)]
+    assert rows[0]['grid'][-1] == 0.0 and all(r['fd_inception'] > 0 for r in rows)
+    from PIL import Image
+    pngs = sorted((tmp_path / 'png').glob('*/000000/000003.png'))
+    assert len(pngs) == 3 and Image.open(pngs[0]).size == (32, 32)          # 4x16x16 latents -> 32x32 pixels
+
+def test_missing_files_are_clear_errors(tmp_path, nets, dummy_ref, inception_weights):
+    base = eval_args(tmp_path, 'e', nets['g1'], dummy_ref, inception_weights)
+    with pytest.raises(FileNotFoundError, match='weights-inception-2015-12-05-6726825d.pth'):
+        run_eval(base + [f'eval.inception_weights={tmp_path}/none.pth'])
+    with pytest.raises(FileNotFoundError, match='dinov2_vitl14_pretrain.pth'):
+        run_eval(base + ['eval.metrics=[inception,dinov2]'])
+    with pytest.raises(FileNotFoundError, match='data_tools/ref_stats.py'):
+        run_eval(base + [f'eval.ref={tmp_path}/none.pkl'])
+    with pytest.raises(FileNotFoundError, match='eval.generator=PATH'):
+        run_eval(base + [f'eval.generator={tmp_path}/none.pt'])
+
+#----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_ranks_give_the_statistics_of_one(tmp_path, nets, dummy_ref, inception_weights):
+    one = run_eval(eval_args(tmp_path, 'one', nets['g1'], dummy_ref, inception_weights, 'eval.num_samples=18'))
+    args = eval_args(tmp_path, 'two', nets['g1'], dummy_ref, inception_weights, 'eval.num_samples=18')
+    out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), '--nproc=2', *args],
+                         capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads((tmp_path / 'two' / 'eval.json').read_text())
+    for a, b in zip(one, two):
+        assert a['name'] == b['name'] and a['fd_inception'] == pytest.approx(b['fd_inception'], rel=1e-9)
+
+@pytest.mark.slow
+def test_both_extractors(tmp_path, nets, dummy_ref, inception_weights, dinov2_weights):
+    args = eval_args(tmp_path, 'd', nets['g1'], dummy_ref, inception_weights, 'eval.metrics=[inception,dinov2]',
+                     f'eval.dinov2_weights={dinov2_weights}', 'eval.steps=[1]', 'eval.num_samples=3')
+    rows = run_eval(args)
+    assert rows[0]['fd_inception'] > 0 and rows[0]['fd_dinov2'] > 0
+    assert 'bicubic + antialias' in rows[0]['metrics']['fd_dinov2']['resize']
+    save_ref(tmp_path / 'fid-only.pkl', {'fid': (np.zeros(2048), np.eye(2048))})
+    with pytest.raises(ValueError, match="no 'fd_dinov2' statistics"):
+        run_eval(args + [f'eval.ref={tmp_path}/fid-only.pkl'])
+
+@pytest.mark.slow
+def test_launch_reports_a_missing_reference_in_one_line(tmp_path, nets, inception_weights):
+    args = eval_args(tmp_path, 'm', nets['g1'], str(tmp_path / 'refs' / 'img512.pkl'), inception_weights)
+    out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), *args], capture_output=True, text=True)
+    assert out.returncode == 2 and 'Traceback' not in out.stderr
+    assert [l for l in out.stderr.splitlines() if l.startswith('error:')] == [
+        f'error: reference statistics {tmp_path}/refs/img512.pkl do not exist: compute them with data_tools/ref_stats.py '
+        f'or download EDM2\'s dataset-refs/img512.pkl']
