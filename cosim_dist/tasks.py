@@ -14,6 +14,7 @@ from .config import Config, ConfigError, batch_layout, config_hash, resume_finge
 from . import distributed
 from .distributed import DistEnv
 from .engines import DeepSpeedEngine, TorchEngine, compile_network, place_teacher, prepare_network
+from .generate import evaluate_features
 from .evaluate import (cosim_spec, dpm_spec, format_table, frechet_to_reference, heun_spec, sampler_moments,
                        seeded_inputs, tune_grid, write_results)
 from .metrics import MomentAccumulator
@@ -256,6 +257,18 @@ def feature_evaluation(cfg: Config) -> bool:
     (generate.py); the toy world against its exact moments."""
     return cfg.model.teacher is not None or cfg.model.arch != 'toy' or cfg.data.kind != 'gmm'
 
+def check_eval_inputs(cfg: Config) -> None:
+    """task=default on a real model evaluates after training: fail now, not after days, if its files are missing."""
+    e = cfg.eval
+    needed = {f'eval.{m}_weights': getattr(e, f'{m}_weights') for m in e.metrics} | {'eval.ref': e.ref}
+    if cfg.model.latent_raw_mean is not None:
+        needed['eval.vae'] = e.vae
+    missing = [f'{k}={v}' for k, v in needed.items()
+               if v is None or ('://' not in v and not pathlib.Path(v.removeprefix('file://')).exists())]
+    if missing:
+        raise ConfigError(f'task=default evaluates after training, but these inputs are missing: {", ".join(missing)}; '
+                          f'set them (README, "Evaluating real models") or run task=train now and task=eval later')
+
 def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> list[dict] | None:
     """Execute cfg.task on this rank (all ranks call it); returns the evaluation rows on rank 0."""
     env = env or distributed.discover()
@@ -275,22 +288,27 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
         from .bench import run_bench
         run_bench(cfg, device, env)
         return None
-    if cfg.task == 'eval' and feature_evaluation(cfg):
-        from .generate import evaluate_features
-        return evaluate_features(cfg, device, env, should_stop, lambda: get_teacher(cfg, device), noise_range(cfg),
-                                 make_logger(cfg, 'eval', env.rank))
+    real = feature_evaluation(cfg)
+    evaluate_real = lambda get_teacher_: evaluate_features(cfg, device, env, should_stop, get_teacher_, noise_range(cfg),
+                                                           make_logger(cfg, 'eval', env.rank))
+    if cfg.task == 'eval' and real:
+        return evaluate_real(lambda: get_teacher(cfg, device))
+    if cfg.task == 'default' and real:
+        check_eval_inputs(cfg)
     if env.rank == 0:
         teacher = get_teacher(cfg, device)
     distributed.barrier()
     if env.rank != 0:
         teacher = get_teacher(cfg, device)                 # the toy teacher is cached by rank 0 by now
     G = distil(cfg, teacher, device, env, should_stop) if cfg.task in ('train', 'default') else None
+    distributed.barrier()                                  # rank 0 has written generator.pt
     if should_stop():
         return None
     rows = None
-    if cfg.task in ('eval', 'default'):
-        if G is None:
-            G = load_snapshot(run_dir / 'generator.pt')[0].to(device)
+    if cfg.task != 'train' and real:                       # task=default: distil, then FID / FD-DINOv2
+        rows = evaluate_real(lambda: teacher)
+    elif cfg.task != 'train':
+        G = G if G is not None else load_snapshot(run_dir / 'generator.pt')[0].to(device)
         rows = evaluate_toy(cfg, teacher, G, device, env)
         if env.rank == 0:
             print(format_table(rows))

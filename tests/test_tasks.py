@@ -71,3 +71,11 @@ def test_edm2_latent_training_run(tmp_path):
     w = G.unet.enc['8x8_block0'].conv_res0.weight
     torch.testing.assert_close(w.square().mean([1, 2, 3]), torch.full([w.shape[0]], 0.9998), atol=2e-3, rtol=0)
     assert any(not torch.equal(a, b) for a, b in zip(G.state_dict().values(), teacher.state_dict().values()))
+
+def test_default_task_checks_evaluation_inputs_before_training(tmp_path):
+    """task=default on a real model trains for days and then evaluates: its missing files are named up front."""
+    cfg = load_config(['model=edm2-xs', f'data.path={tmp_path}', *TINY, f'model.teacher={tmp_path}/t.pt',
+                       f'eval.ref={tmp_path}/ref.pkl', f'run.root={tmp_path}', 'run.device=cpu'])
+    with pytest.raises(ConfigError, match=r'missing: eval.inception_weights=None, eval.dinov2_weights=None, '
+                                          r'eval.ref=.*ref.pkl, eval.vae=None'):
+        tasks.run(cfg)
