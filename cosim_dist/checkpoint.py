@@ -5,7 +5,8 @@ every rank stages its own files (its DeepSpeed / engine writes) in a rank-local 
 (optionally in a background thread while training continues) and reports (key, size, sha256); rank 0 then
 writes `step-<nimg>/manifest.json` and, last, the `COMMIT` marker (create-only where the store supports it).
 A step without COMMIT does not exist. Resume takes the newest commit whose files all match the manifest,
-falling back to older commits; retention keeps the last `keep` commits and never the one resumed from.
+falling back to older commits (an unusable commit loses its COMMIT, so that training writes the step again);
+retention keeps the last `keep` commits and never the one resumed from.
 """
 
 import json
@@ -13,6 +14,7 @@ import pathlib
 import re
 import shutil
 import threading
+import uuid
 
 import torch
 
@@ -103,13 +105,19 @@ class CheckpointManager:
                 raise RuntimeError(f'two ranks staged the same checkpoint file: {sorted(k for k in keys if keys.count(k) > 1)}')
             self.store.put_bytes(json.dumps({'nimg': nimg, 'files': entries}, indent=1).encode(),
                                  f'{step_prefix(nimg)}/manifest.json')
-            if not self.store.create(f'{nimg}\n'.encode(), f'{step_prefix(nimg)}/COMMIT'):
-                raise RuntimeError(f'{self.store.url}/{step_prefix(nimg)}/COMMIT already exists (another writer?)')
+            self._create_commit(nimg)
             log.info(f'checkpoint committed: {self.store.url}/{step_prefix(nimg)} ({len(entries)} files, '
                      f'{sum(e["size"] for e in entries) / 2**20:.1f} MiB)')
             self._retain()
         shutil.rmtree(self._rank_dir('stage', nimg).parent, ignore_errors=True)
         barrier()
+
+    def _create_commit(self, nimg: int) -> None:
+        """Create-only COMMIT holding a token of this attempt: when a retried PUT finds the marker, it is ours if the token
+        matches (the first try reached the store, its reply was lost), another writer's otherwise."""
+        key, body = f'{step_prefix(nimg)}/COMMIT', f'{nimg}\n{uuid.uuid4().hex}\n'.encode()
+        if not self.store.create(body, key) and self.store.read(key) != body:
+            raise RuntimeError(f'{self.store.url}/{key} already exists (another writer?)')
 
     def _retain(self) -> None:
         """Drop commits beyond the newest `keep` (never the resumed one), COMMIT marker first, and the leftovers of
@@ -151,7 +159,9 @@ class CheckpointManager:
                 self.resumed = step_prefix(nimg)
                 return path
             log.warning(f'checkpoint {self.store.url}/{step_prefix(nimg)} is unusable ({why or "on another rank"}); '
-                        f'trying the previous commit')
+                        f'retiring it (COMMIT removed, so that the step is written again) and trying the previous commit')
+            if self.rank == 0:
+                self.store.delete(f'{step_prefix(nimg)}/COMMIT')
         return None
 
     def close(self) -> None:

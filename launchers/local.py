@@ -21,6 +21,7 @@ def launch_local(cfg: Config) -> None:
     stop = StopFlag((signal.SIGUSR2, signal.SIGTERM))
     try:
         tasks.run(cfg, env, should_stop=stop)
+        stop.release()
     finally:
         distributed.shutdown()
     if stop():

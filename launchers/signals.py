@@ -10,6 +10,7 @@ class StopFlag:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR2,)) -> None:
         self.signum: int | None = None
+        self.signals = signals
         for s in signals:
             signal.signal(s, self._handle)
 
@@ -20,3 +21,9 @@ class StopFlag:
 
     def __call__(self) -> bool:
         return self.signum is not None
+
+    def release(self) -> None:
+        """The task is over (any stop-save done): ignore further signals. Python restores the default actions while
+        it shuts down, so a second USR2 during the exit would otherwise turn a clean stop into death by signal."""
+        for s in self.signals:
+            signal.signal(s, signal.SIG_IGN)

@@ -59,6 +59,7 @@ class TrainTask:
         cfg = load_config(self.overrides)
         try:
             tasks.run(cfg, env, should_stop=stop)
+            stop.release()                          # a second USR2 during the exit must not kill the stopped task
         finally:
             distributed.shutdown()
         if stop():

@@ -49,6 +49,17 @@ def test_flipped_byte_falls_back_and_half_upload_is_ignored(store_url, tmp_path)
     reader.close()
     assert reader.committed() == [1, 4] and not reader.store.exists(f'{step_prefix(3)}/g/weights.bin')
 
+def test_unusable_commit_is_retired_and_written_again(tmp_path):
+    """Resume skips a damaged newest commit and removes its COMMIT, so that training can commit that step again."""
+    ck = CheckpointManager(str(tmp_path / 'store'), tmp_path / 'staging', async_upload=False)
+    write_step(ck, 1, b'a' * 100)
+    write_step(ck, 2, b'b' * 100)
+    ck.store.put_bytes(b'b' * 99, f'{step_prefix(2)}/g/weights.bin')
+    reader = CheckpointManager(ck.store.url, tmp_path / 'reader', async_upload=False)
+    assert reader.latest().name == step_prefix(1) and reader.committed() == [1]
+    write_step(reader, 2, b'c' * 100)
+    assert reader.committed() == [1, 2] and reader.latest().name == step_prefix(2)
+
 def test_committed_steps_are_immutable(tmp_path):
     ck = CheckpointManager(str(tmp_path / 'store'), tmp_path / 'staging', async_upload=False)
     write_step(ck, 5, b'x')
