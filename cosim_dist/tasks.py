@@ -293,10 +293,10 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
                                                            make_logger(cfg, 'eval', env.rank))
     if cfg.task == 'eval' and real:
         return evaluate_real(lambda: get_teacher(cfg, device))
-    if cfg.task == 'default' and real:
-        check_eval_inputs(cfg)
     if env.rank == 0:
         teacher = get_teacher(cfg, device)
+    if cfg.task == 'default' and real:
+        check_eval_inputs(cfg)
     distributed.barrier()
     if env.rank != 0:
         teacher = get_teacher(cfg, device)                 # the toy teacher is cached by rank 0 by now

@@ -11,6 +11,7 @@ import torch
 from cosim_dist import cosim, tasks
 from cosim_dist.config import CONFIG_DIR, load_config
 from cosim_dist.evaluate import cosim_spec, rank_seeds, sampler_moments, tune_grid
+from cosim_dist.teacher_io import save_snapshot
 
 def test_rank_seeds_partition_the_range():
     for world in (1, 2, 3, 7):
@@ -33,7 +34,7 @@ def test_two_ranks_give_the_same_table_as_one(tmp_path):
     cfg = load_config(args)
     tasks.prepare_run_dir(cfg)
     teacher = tasks.get_teacher(cfg, torch.device('cpu'))
-    tasks.save_network(teacher, 'toy', cfg.run_dir / 'generator.pt')
+    save_snapshot(cfg.run_dir / 'generator.pt', teacher)
     tables = []
     for nproc in (1, 2):
         out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), f'--nproc={nproc}', *args],

@@ -74,6 +74,7 @@ def test_edm2_latent_training_run(tmp_path):
 
 def test_default_task_checks_evaluation_inputs_before_training(tmp_path):
     """task=default on a real model trains for days and then evaluates: its missing files are named up front."""
+    save_snapshot(tmp_path / 't.pt', tiny_edm2())
     cfg = load_config(['model=edm2-xs', f'data.path={tmp_path}', *TINY, f'model.teacher={tmp_path}/t.pt',
                        f'eval.ref={tmp_path}/ref.pkl', f'run.root={tmp_path}', 'run.device=cpu'])
     with pytest.raises(ConfigError, match=r'missing: eval.inception_weights=None, eval.dinov2_weights=None, '
