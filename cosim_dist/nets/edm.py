@@ -189,9 +189,10 @@ def torch_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # map_augment (bias-free) adds nothing and is kept only for the checkpoint's sake.
 
 class EDMUNet(nn.Module):
-    def __init__(self, noise_channels: int, emb_channels: int, aux_t_embed: str | None) -> None:
+    def __init__(self, noise_channels: int, emb_channels: int, aux_t_embed: str | None, endpoint: bool = False,
+                 sin_first: bool = False) -> None:
         super().__init__()
-        self.noise_channels = noise_channels
+        self.noise_channels, self.endpoint, self.sin_first = noise_channels, endpoint, sin_first
         self.map_layer0 = Linear(noise_channels, emb_channels)
         self.map_layer1 = Linear(emb_channels, emb_channels)
         if aux_t_embed:
@@ -200,8 +201,8 @@ class EDMUNet(nn.Module):
         self.t_gain = nn.Parameter(torch.zeros([])) if aux_t_embed == 'gated' else None
 
     def noise_features(self, c_noise: torch.Tensor) -> torch.Tensor:
-        """Positional features of c_noise, per architecture."""
-        raise NotImplementedError
+        """Positional features of c_noise (DDPM++: endpoint=True, sin first; ADM: the defaults)."""
+        return positional_embedding(c_noise, self.noise_channels, endpoint=self.endpoint, sin_first=self.sin_first)
 
     def mapping(self, features: torch.Tensor, c_noise_t: torch.Tensor | None) -> torch.Tensor:
         """map_layer1(silu(map_layer0(features))) [+ g * map_layer1_t(silu(map_layer0_t(noise_features(c_noise_t))))]."""
@@ -220,7 +221,7 @@ class SongUNet(EDMUNet):
                  num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,), dropout: float = 0.10,
                  aux_t_embed: str | None = None) -> None:
         emb_channels = model_channels * channel_mult_emb
-        super().__init__(model_channels, emb_channels, aux_t_embed)
+        super().__init__(model_channels, emb_channels, aux_t_embed, endpoint=True, sin_first=True)
         self.map_label = Linear(label_dim, model_channels) if label_dim else None
         self.map_augment = Linear(augment_dim, model_channels, bias=False) if augment_dim else None
         block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
@@ -232,9 +233,6 @@ class SongUNet(EDMUNet):
         self.head = f'{img_resolution}x{img_resolution}'
         self.dec[f'{self.head}_aux_norm'] = GroupNorm(model_channels * channel_mult[0], eps=1e-6)
         self.dec[f'{self.head}_aux_conv'] = Conv2d(model_channels * channel_mult[0], img_channels, 3)
-
-    def noise_features(self, c_noise: torch.Tensor) -> torch.Tensor:
-        return positional_embedding(c_noise, self.noise_channels, endpoint=True, sin_first=True)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None,
                 c_noise_t: torch.Tensor | None = None) -> torch.Tensor:
@@ -263,9 +261,6 @@ class DhariwalUNet(EDMUNet):
                                               cin, cout, emb_channels, dropout=dropout, **kw))
         self.out_norm = GroupNorm(widths[0], eps=1e-5)
         self.out_conv = Conv2d(widths[0], img_channels, 3)
-
-    def noise_features(self, c_noise: torch.Tensor) -> torch.Tensor:
-        return positional_embedding(c_noise, self.noise_channels)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None,
                 c_noise_t: torch.Tensor | None = None) -> torch.Tensor:
