@@ -41,13 +41,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 class PhaseTimer:
-    """Wall time per phase, the device synchronised at both ends of every phase (so phases do not overlap)."""
+    """Wall time per phase, the device synchronised at both ends of every phase (so phases do not overlap); off
+    (no synchronisation) until `enabled` is set."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.total = device, collections.defaultdict(float)
+        self.device, self.total, self.enabled = device, collections.defaultdict(float), False
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
         synchronize(self.device)
         t0 = time.perf_counter()
         yield
@@ -111,9 +115,7 @@ def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> di
     batch_gpu, rounds = batch_layout(cfg.train, env.world_size)
     data = SyntheticStream((m.channels, m.resolution, m.resolution), m.label_dim, batch_gpu, m.sigma_data, cfg.run.seed)
     timer = PhaseTimer(device)
-    phases_on = False
-    trainer = build_trainer(cfg, teacher, device, env, data=data, checkpointer=None,
-                            timer=lambda phase: timer(phase) if phases_on else contextlib.nullcontext())
+    trainer = build_trainer(cfg, teacher, device, env, data=data, checkpoints=False, timer=timer)
     for _ in range(b.warmup):
         trainer.iteration()
     if device.type == 'cuda':
@@ -124,10 +126,10 @@ def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> di
         trainer.iteration()
     synchronize(device)
     seconds = (time.perf_counter() - t0) / b.iters
-    phases_on = True
+    timer.enabled = True
     for _ in range(b.iters):
         trainer.iteration()
-    phases_on = False
+    timer.enabled = False
     params = [p for net in (trainer.g.module, trainer.aux.module, trainer.teacher) for p in net.parameters()]
     with (FlopCounterMode(display=False) as counter, SavedTensorMeter(params) as saved,
           torch.compiler.set_stance('force_eager')):

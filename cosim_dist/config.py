@@ -217,13 +217,11 @@ def validate(cfg: Config) -> None:
     from .nets import ARCHS
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f'model.arch={cfg.model.arch!r} is invalid; valid choices: {", ".join(sorted(ARCHS))}')
-    for key in ('train.batch', 'train.kimg', 'pretrain.batch', 'eval.num_samples', 'eval.batch', 'eval.heun_steps',
-                'train.aux_steps_per_gen'):
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f'{key}={_get(cfg, key)} must be > 0')
     for keys, ok, rule in ((('train.lr_g', 'train.lr_aux', 'train.eps', 'pretrain.lr', 'pretrain.kimg', 'model.sigma_data',
                              'model.resolution', 'model.channels', 'schedule.sigma_min', 'schedule.rho', 'schedule.ratio',
-                             'checkpoint.keep'), lambda v: v > 0, '> 0'),
+                             'checkpoint.keep', 'train.batch', 'train.kimg', 'pretrain.batch', 'eval.num_samples',
+                             'eval.batch', 'eval.heun_steps', 'train.aux_steps_per_gen', 'eval.chunk',
+                             'eval.decode_batch'), lambda v: v > 0, '> 0'),
                            (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
                            (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'), lambda v: v >= 0, '>= 0')):
         for key in keys:                # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)
@@ -237,8 +235,6 @@ def validate(cfg: Config) -> None:
         values = _get(cfg, key)
         if not values or any(v not in allowed for v in values):
             raise ConfigError(f'{key}={values} is invalid; give a non-empty list of: {", ".join(allowed)}')
-    if cfg.eval.chunk <= 0 or cfg.eval.decode_batch <= 0:
-        raise ConfigError(f'eval.chunk={cfg.eval.chunk} and eval.decode_batch={cfg.eval.decode_batch} must be > 0')
     if cfg.loss.lmbda < 0:
         raise ConfigError(f'loss.lmbda={cfg.loss.lmbda} must be >= 0')
     if not 0 < cfg.kernel.eta <= 1:

@@ -4,8 +4,9 @@ Both engine kinds expose what the trainer uses: `module`, `backward(loss)` (scal
 steps), `step()` (called after every micro-batch, applied at the accumulation boundary), `save(dir)`,
 `load(dir) -> client state`, and `full_parameters()` (a context in which every parameter is materialised,
 for the EMA under ZeRO-3). An optional `WeightConstraint` (EDM2's forced weight normalisation) is applied once at
-construction and after every optimiser step, to the module's weights and to the optimiser's master copy. `TorchEngine` is one process with plain Adam; `DeepSpeedEngine` wraps
-`deepspeed.initialize` with ZeRO stage 0-3. Precision is autocast (fp32 master weights, see `autocast`)."""
+construction and after every optimiser step, to the module's weights and to the optimiser's master copy.
+`TorchEngine` is one process with plain Adam; `DeepSpeedEngine` wraps `deepspeed.initialize` with ZeRO stage 0-3.
+Precision is autocast (fp32 master weights, see `autocast`)."""
 
 import contextlib
 import dataclasses

@@ -81,7 +81,7 @@ def sampler_moments(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], lab
 #----------------------------------------------------------------------------
 
 def write_results(rows: list[dict], path: pathlib.Path) -> None:
-    """eval.json: one entry per sampler with name, NFE and frechet_distance."""
+    """eval.json: one entry per sampler (name, NFE and its distances)."""
     path.write_text(json.dumps(rows, indent=2) + '\n')
 
 def format_table(rows: list[dict], columns: dict[str, str] | None = None) -> str:

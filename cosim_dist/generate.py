@@ -15,7 +15,6 @@ per-seed generation, VAE decoding, FID / FD-DINOv2 against reference statistics 
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import re
 from typing import Callable
@@ -27,11 +26,11 @@ from .config import Config
 from .decode import Decoder, make_decoder
 from .distributed import DistEnv
 from .evaluate import (SamplerSpec, cosim_spec, dpm_spec, format_table, frechet_to_reference, generate, heun_spec,
-                       tune_grid)
+                       tune_grid, write_results)
 from .features import FeatureMetric, build_metrics, reference_info, reference_stats
 from .logging import RunLogger, log
 from .metrics import MomentAccumulator
-from .storage import sha256_file
+from .storage import sha256_file, write_atomic
 from .teacher_io import load_network, local_path
 
 class Stopped(Exception):
@@ -117,10 +116,8 @@ class SumsFile:
         return set(state['done'])
 
     def commit(self, accs: dict[str, MomentAccumulator], done: set[int]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f'.{self.path.name}.tmp')
-        torch.save({'done': sorted(done), 'stats': {k: a.state_dict() for k, a in accs.items()}}, tmp)
-        os.replace(tmp, self.path)
+        state = {'done': sorted(done), 'stats': {k: a.state_dict() for k, a in accs.items()}}
+        write_atomic(self.path, lambda tmp: torch.save(state, tmp))
 
 #----------------------------------------------------------------------------
 # Generation -> uint8 images -> features.
@@ -269,7 +266,7 @@ def evaluate_features(cfg: Config, device: torch.device, env: DistEnv, should_st
         logger.close()
     if env.rank != 0:
         return None
-    (cfg.run_dir / 'eval.json').write_text(json.dumps(rows, indent=2) + '\n')
+    write_results(rows, cfg.run_dir / 'eval.json')
     print(format_table(rows, {m.name: m.name for m in metrics}))
     log.info(f'results in {cfg.run_dir / "eval.json"}')
     return rows

@@ -75,7 +75,7 @@ def open_store(url: str | os.PathLike, cfg: StorageConfig | None = None) -> Obje
         raise ValueError(f'{url!r}: unsupported URL scheme; use a local path, file:///abs/path or s3://bucket/prefix')
     return LocalStore(url)
 
-def _atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+def write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
     """Create `path` by writing a hidden temporary next to it and renaming it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
@@ -97,10 +97,10 @@ class LocalStore:
         return self.root / key
 
     def put_file(self, path: str | os.PathLike, key: str) -> None:
-        _atomic(self._path(key), lambda tmp: shutil.copyfile(path, tmp))
+        write_atomic(self._path(key), lambda tmp: shutil.copyfile(path, tmp))
 
     def put_bytes(self, data: bytes, key: str) -> None:
-        _atomic(self._path(key), lambda tmp: tmp.write_bytes(data))
+        write_atomic(self._path(key), lambda tmp: tmp.write_bytes(data))
 
     def create(self, data: bytes, key: str) -> bool:
         """Create-only write: a complete temporary hard-linked into place fails if the key exists."""
@@ -117,7 +117,7 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
-        _atomic(pathlib.Path(path), lambda tmp: shutil.copyfile(self._path(key), tmp))
+        write_atomic(pathlib.Path(path), lambda tmp: shutil.copyfile(self._path(key), tmp))
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -198,7 +198,7 @@ class S3Store:
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         import botocore.exceptions
         try:
-            _atomic(pathlib.Path(path), lambda tmp: self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer))
+            write_atomic(pathlib.Path(path), lambda tmp: self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer))
         except botocore.exceptions.ClientError as e:
             raise (self._missing(key) if _is_missing(e) else e) from e
 
@@ -269,5 +269,5 @@ def fetch_to_local(url: str | os.PathLike, cfg: StorageConfig | None = None) -> 
     if path.is_file() and path.stat().st_size == head['ContentLength'] and stamp.is_file() and stamp.read_text() == head['ETag']:
         return path
     store.get_file(key, path)
-    _atomic(stamp, lambda tmp: tmp.write_text(head['ETag']))
+    write_atomic(stamp, lambda tmp: tmp.write_text(head['ETag']))
     return path

@@ -159,11 +159,10 @@ def student_kwargs(cfg: Config, teacher: torch.nn.Module) -> dict:
     return {**teacher.init_kwargs, **{k: want[k] for k in TRAINING_KWARGS if k in want}}
 
 def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
-                  should_stop=lambda: False, data=None, checkpointer: CheckpointManager | None | str = 'config',
-                  logger: RunLogger | None = None, timer=None) -> Trainer:
+                  should_stop=lambda: False, data=None, checkpoints: bool = True, timer=None) -> Trainer:
     """Generator and auxiliary initialised from the teacher (fp32), their engines, data, schedule, checkpoints, with
-    the engine's speed options (channels_last, activation checkpointing, torch.compile). `data`, `checkpointer`,
-    `logger` and `timer` replace the configured ones (the benchmark uses synthetic data and no checkpoints)."""
+    the engine's speed options (channels_last, activation checkpointing, torch.compile). The benchmark passes its
+    synthetic `data`, `checkpoints=False` and a per-phase `timer` (see Trainer)."""
     t, s, e = cfg.train, cfg.schedule, cfg.engine
     G = build_network(cfg.model.arch, **student_kwargs(cfg, teacher))
     G.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
@@ -179,10 +178,10 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
     return Trainer(teacher=teacher, g_engine=g_engine, aux_engine=aux_engine,
                    data=data or make_stream(cfg, batch_gpu, cfg.run.seed + 2, env), schedule=schedule, train=t,
                    loss=cfg.loss, kernel=cfg.kernel, sigma_data=cfg.model.sigma_data, seed=cfg.run.seed,
-                   logger=logger or make_logger(cfg, 'train', env.rank), device=device, precision=e.precision,
-                   checkpointer=make_checkpointer(cfg, env) if checkpointer == 'config' else checkpointer,
-                   should_stop=should_stop, rank=env.rank, world_size=env.world_size, batch_gpu=batch_gpu,
-                   fingerprint=resume_fingerprint(cfg), **({'timer': timer} if timer else {}))
+                   logger=make_logger(cfg, 'train', env.rank), device=device, precision=e.precision,
+                   checkpointer=make_checkpointer(cfg, env) if checkpoints else None, should_stop=should_stop,
+                   rank=env.rank, world_size=env.world_size, batch_gpu=batch_gpu, fingerprint=resume_fingerprint(cfg),
+                   timer=timer)
 
 def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
            should_stop=lambda: False) -> torch.nn.Module:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .nets import ARCHS, build_network
+from . import storage
 
 #----------------------------------------------------------------------------
 # Restricted unpickling: persistence records and containers become plain data.
@@ -125,11 +126,7 @@ def record_state_dict(record: PersistentRecord | ContainerRecord, prefix: str = 
 def local_path(path_or_url: str | os.PathLike) -> pathlib.Path:
     url = os.fspath(path_or_url)
     if url.startswith('s3://'):
-        try:
-            from .storage import fetch_to_local
-        except ImportError as e:
-            raise RuntimeError(f'loading {url} needs cosim_dist.storage (fetch_to_local), which is unavailable: {e}') from e
-        return fetch_to_local(url)
+        return storage.fetch_to_local(url)
     if '://' in url and not url.startswith('file://'):
         raise ValueError(f'{url}: unsupported URL scheme; use a local path, file:// or s3://')
     path = pathlib.Path(url.removeprefix('file://')).expanduser()
@@ -186,10 +183,8 @@ def arch_name(net: torch.nn.Module) -> str:
 
 def save_snapshot(path: str | os.PathLike, net: torch.nn.Module, extra: dict | None = None) -> None:
     """Atomically write net (architecture, constructor kwargs, weights) and `extra` (plain data and tensors)."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    torch.save(dict(arch=arch_name(net), init_kwargs=net.init_kwargs, state_dict=net.state_dict(), extra=extra or {}), tmp)
-    os.replace(tmp, path)
+    data = dict(arch=arch_name(net), init_kwargs=net.init_kwargs, state_dict=net.state_dict(), extra=extra or {})
+    storage.write_atomic(pathlib.Path(path), lambda tmp: torch.save(data, tmp))
 
 def load_snapshot(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     """(net in fp32, eval mode, frozen; extra) from a save_snapshot file."""

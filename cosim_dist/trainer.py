@@ -57,13 +57,13 @@ class Trainer:
                  sigma_data: float, seed: int, logger: RunLogger, device: torch.device, precision: str = 'fp32',
                  checkpointer: Checkpointer | None = None, should_stop: Callable[[], bool] = lambda: False,
                  rank: int = 0, world_size: int = 1, batch_gpu: int | None = None, fingerprint: dict | None = None,
-                 timer: Callable[[str], ContextManager] = lambda phase: contextlib.nullcontext()) -> None:
+                 timer: Callable[[str], ContextManager] | None = None) -> None:
         self.teacher, self.g, self.aux, self.data = teacher, g_engine, aux_engine, data
         self.schedule, self.train_cfg, self.loss_cfg, self.kernel_cfg = schedule, train, loss, kernel
         self.sigma_data, self.seed, self.logger, self.device, self.precision = sigma_data, seed, logger, device, precision
         self.checkpointer, self.should_stop = checkpointer, should_stop
         self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint or {}
-        self.timer = timer                      # phase -> context (the benchmark's per-phase clock)
+        self.timer = timer or (lambda phase: contextlib.nullcontext())   # phase -> context (the benchmark's clock)
         self.batch_gpu = batch_gpu or train.batch // world_size
         self.rounds = train.batch // (self.batch_gpu * world_size)
         self.alpha = cosim.generator_alpha(loss.lmbda, loss.alpha)

@@ -45,7 +45,7 @@ def iteration_grads(cfg) -> tuple[tuple[float, float], dict[str, torch.Tensor]]:
     m = cfg.model
     data = SyntheticStream((m.channels, m.resolution, m.resolution), m.label_dim, cfg.train.batch, m.sigma_data)
     tasks.prepare_run_dir(cfg)
-    trainer = tasks.build_trainer(cfg, random_teacher(cfg), torch.device('cpu'), data=data, checkpointer=None, timer=grab)
+    trainer = tasks.build_trainer(cfg, random_teacher(cfg), torch.device('cpu'), data=data, checkpoints=False, timer=grab)
     return trainer.iteration(), grads
 
 def assert_same_step(ref, got, rtol: float, gen_rtol: float | None = None) -> None:
