@@ -74,13 +74,13 @@ def init(env: DistEnv, device: str = 'auto', always_group: bool = False, timeout
         torch.cuda.set_device(dev)
     if (env.world_size > 1 or always_group) and not torch.distributed.is_initialized():
         if env.source == 'single':
-            env = dataclasses.replace(env, master_port=_free_port())
+            env = dataclasses.replace(env, master_port=free_port())
         env.export()
         torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
                                              timeout=datetime.timedelta(seconds=timeout_s))
     return dev
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]

@@ -1,5 +1,7 @@
 """task=bench (cosim_dist/bench.py) and the speed options it measures: every option keeps one CoSIM iteration's losses
-and gradients (Eq. A1 auxiliary step, Eq. G1 generator step) within tolerance of the fp32 reference path."""
+and gradients (Eq. A1 auxiliary step, Eq. G1 generator step) within tolerance of the fp32 reference path. Each
+tolerance follows from the option's error model: fp32 reassociation for layout and recomputation, bf16 rounding
+(u = 2^-8) times the conditioning of the loss for autocast."""
 
 import contextlib
 import json
@@ -7,7 +9,7 @@ import json
 import pytest
 import torch
 
-from cosim_dist import tasks
+from cosim_dist import cosim, tasks
 from cosim_dist.bench import SyntheticStream
 from cosim_dist.config import ConfigError, load_config
 
@@ -19,8 +21,10 @@ TINY = {
 }
 
 def tiny_config(tmp_path, arch: str, *args: str):
+    """train.lr_aux=1e-2: the auxiliary's first Adam step moves it well away from the teacher, so that D_phi - D_psi in
+    Eq. G1 is not a difference of nearly equal denoisers (conditioning <= ~6 instead of 15-220 at lr 1e-4)."""
     return load_config([f'model.arch={arch}', *TINY[arch], 'model.net.model_channels=16', 'model.net.dropout=0',
-                        'train.batch=8', 'engine.backend=torch', 'logging.wandb=disabled', 'logging.progress=false',
+                        'train.batch=8', 'train.lr_aux=1e-2', 'engine.backend=torch', 'logging.wandb=disabled', 'logging.progress=false',
                         f'run.root={tmp_path}', 'run.device=cpu', *args])
 
 def random_teacher(cfg) -> torch.nn.Module:
@@ -33,35 +37,48 @@ def random_teacher(cfg) -> torch.nn.Module:
                 p.fill_(0.5)
     return net
 
-def iteration_grads(cfg) -> tuple[tuple[float, float], dict[str, torch.Tensor]]:
-    """Losses of one Eq. L1 iteration and the gradients each optimiser receives (read at the optimiser phases)."""
-    grads, trainer = {}, None
+def iteration_grads(cfg) -> tuple[tuple[float, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Losses of one Eq. L1 iteration, the gradients each optimiser receives (read at the optimiser phases) and the
+    denoiser outputs entering the Eq. A1 / G1 losses (recorded on their way in; the real loss functions run)."""
+    grads, seen, trainer = {}, {}, None
 
     def grab(phase: str):
         if phase.endswith('optimiser'):
             net = trainer.aux.module if phase.startswith('aux') else trainer.g.module
             grads[phase] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
         return contextlib.nullcontext()
+
+    def aux_loss(D_psi, target, D_phi, *args, **kwargs):
+        seen.update(aux_D_psi=D_psi.detach(), aux_target=target.detach(), aux_D_phi=D_phi.detach())
+        return real_aux_loss(D_psi, target, D_phi, *args, **kwargs)
+
+    def generator_loss(target, D_phi, D_psi, *args, **kwargs):
+        seen.update(gen_D_phi=D_phi.detach(), gen_D_psi=D_psi.detach())
+        return real_generator_loss(target, D_phi, D_psi, *args, **kwargs)
+    real_aux_loss, real_generator_loss = cosim.aux_loss, cosim.generator_loss
     m = cfg.model
     data = SyntheticStream((m.channels, m.resolution, m.resolution), m.label_dim, cfg.train.batch, m.sigma_data)
     tasks.prepare_run_dir(cfg)
     trainer = tasks.build_trainer(cfg, random_teacher(cfg), torch.device('cpu'), data=data, checkpoints=False, timer=grab)
-    return trainer.iteration(), grads
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cosim, 'aux_loss', aux_loss)
+        patch.setattr(cosim, 'generator_loss', generator_loss)
+        losses = trainer.iteration()
+    return losses, grads, seen
 
-def assert_same_step(ref, got, rtol: float, gen_rtol: float | None = None) -> None:
-    """Losses and gradients of one iteration against the reference. The Eq. G1 gradient gets its own tolerance: it
-    multiplies the difference of two denoisers (teacher minus auxiliary, nearly equal early in training), which is
-    where reduced precision shows most (docs/benchmarks.md, "bf16 and Eq. G1")."""
-    (ref_losses, ref_grads), (losses, grads) = ref, got
+def relative_error(got: torch.Tensor | float, ref: torch.Tensor | float) -> float:
+    """||got - ref|| / ||ref|| as a Python float."""
+    got, ref = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
+    return float((got - ref).norm() / ref.norm())
+
+def assert_same_step(ref, got, rtol: float) -> None:
+    """Losses and gradients of one iteration against the reference, each within `rtol` (relative, in norm)."""
+    (ref_losses, ref_grads, _), (losses, grads, _) = ref, got
     assert grads.keys() == ref_grads.keys() == {'aux: optimiser', 'gen: optimiser'}
-    torch.testing.assert_close(losses[0], ref_losses[0], rtol=rtol, atol=0)
-    if gen_rtol is None:
-        torch.testing.assert_close(losses[1], ref_losses[1], rtol=rtol, atol=0)
-    for k, tol in (('aux: optimiser', rtol), ('gen: optimiser', gen_rtol or rtol)):
-        assert grads[k].norm() > 0
-        error = ((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm()).item()
-        assert error <= tol, (k, error)
-        assert torch.nn.functional.cosine_similarity(grads[k], ref_grads[k], dim=0) > 0.99, k
+    for name, a, b in (('loss/aux', losses[0], ref_losses[0]), ('loss/gen', losses[1], ref_losses[1]),
+                       *((k, grads[k], ref_grads[k]) for k in grads)):
+        assert float(torch.as_tensor(b).norm()) > 0, name
+        assert relative_error(a, b) <= rtol, (name, relative_error(a, b), rtol)
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
@@ -73,22 +90,45 @@ def reference(tmp_path_factory):
         return cache[arch]
     return get
 
+BF16_U = 2.0 ** -8     # bf16 unit roundoff: 8 significant bits
+
 @pytest.mark.parametrize('arch', sorted(set(TINY) - {'toy'}))
 def test_bf16_keeps_losses_and_gradients(tmp_path, reference, arch):
-    """bf16 autocast for G and aux and a bf16 teacher (the GPU configuration) against the fp32 path: Eq. A1 within 5%,
-    Eq. G1 gradient within 30% and cosine > 0.99 (measured: 3-23% on these random nets)."""
-    got = iteration_grads(tiny_config(tmp_path, arch, 'engine.precision=bf16', 'teacher.precision=bf16'))
-    assert_same_step(reference(arch), got, rtol=0.05, gen_rtol=0.3)
+    """bf16 autocast for G and aux and a bf16 teacher (the GPU configuration) against the fp32 path, bounded by the bf16
+    rounding model. (1) Each denoiser output entering the losses is within 16u: a bf16 layer rounds its inputs to
+    relative u, and independent roundings over the <= 64 layers on a path (generator, then teacher or auxiliary) add up
+    to sqrt(64) u = 8u; 2x margin (measured 0.8-9.5u on AVX-512 and AVX2). (2) A loss and its gradient depend on the
+    difference of two such outputs (Eq. A1: D_psi minus the blended target; Eq. G1: D_phi - D_psi), whose relative
+    error is at most eps (|a| + |b|) / |a - b| <= eps (2 kappa + 1) with kappa = |a| / |a - b| from the fp32
+    reference and eps the measured output error of (1); the backward pass adds another eps, inside the '+ 1'."""
+    ref, got = reference(arch), iteration_grads(tiny_config(tmp_path, arch, 'engine.precision=bf16', 'teacher.precision=bf16'))
+    (ref_losses, ref_grads, ref_seen), (losses, grads, seen) = ref, got
+    eps = max(relative_error(seen[k], ref_seen[k]) for k in ('aux_D_psi', 'aux_D_phi', 'gen_D_phi', 'gen_D_psi'))
+    assert eps <= 16 * BF16_U, (eps, 16 * BF16_U)
+    lmbda = tiny_config(tmp_path, arch).loss.lmbda
+    blended = (ref_seen['aux_target'] + lmbda * ref_seen['aux_D_phi']) / (1 + lmbda)
+    kappa_aux = float(ref_seen['aux_D_psi'].norm() / (ref_seen['aux_D_psi'] - blended).norm())
+    kappa_gen = float(ref_seen['gen_D_phi'].norm() / (ref_seen['gen_D_phi'] - ref_seen['gen_D_psi']).norm())
+    for name, a, b, kappa in (('loss/aux', losses[0], ref_losses[0], kappa_aux), ('loss/gen', losses[1], ref_losses[1], kappa_gen),
+                              ('aux grad', grads['aux: optimiser'], ref_grads['aux: optimiser'], kappa_aux),
+                              ('gen grad', grads['gen: optimiser'], ref_grads['gen: optimiser'], kappa_gen)):
+        bound = eps * (2 * kappa + 1)
+        assert relative_error(a, b) <= bound, (name, relative_error(a, b), bound, kappa, eps)
 
 @pytest.mark.parametrize('arch', sorted(set(TINY) - {'toy'}))
 @pytest.mark.parametrize('option, rtol', [('engine.channels_last=true', 1e-4), ('engine.checkpointing=true', 1e-6)])
 def test_layout_and_checkpointing_keep_losses_and_gradients(tmp_path, reference, arch, option, rtol):
-    """NHWC and activation checkpointing (exact recomputation, dropout replayed) are fp32-exact up to summation order."""
+    """NHWC and activation checkpointing (exact recomputation, dropout replayed) are fp32-exact up to summation order.
+    NHWC: another convolution algorithm reassociates every conv sum (~u32 sqrt(n), n <= 16 x 9 x 64 terms, ~1e-5 per
+    layer before cancellation in the loss differences), hence 1e-4; checkpointing recomputes the same kernels on the
+    same inputs, so only the backward's accumulation order may change: 1e-6."""
     assert_same_step(reference(arch), iteration_grads(tiny_config(tmp_path, arch, option)), rtol)
 
 @pytest.mark.slow
 def test_torch_compile_keeps_losses_and_gradients(tmp_path, reference):
-    """Inductor-compiled G, aux and teacher (the small toy UNet: compiling on 2 CPU cores is slow)."""
+    """Inductor-compiled G, aux and teacher (the small toy UNet: compiling on 2 CPU cores is slow). Inductor fuses and
+    reorders fp32 reductions (and may use other conv/matmul kernels) throughout forward and backward: 1e-3, ten times
+    the layout tolerance, for the fused pointwise chains whose intermediate roundings differ too."""
     assert_same_step(reference('toy'), iteration_grads(tiny_config(tmp_path, 'toy', 'engine.compile=default')), 1e-3)
 
 def test_compile_refuses_zero3(tmp_path):
