@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from cosim_dist.config import ConfigError, batch_layout, load_config, to_yaml
-from cosim_dist.distributed import DistributedEnvError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc > 1:
             return launch_processes(args.nproc, args.overrides)
         launch_local(cfg)
-    except (ConfigError, FileNotFoundError, DistributedEnvError) as e:
+    except (ConfigError, FileNotFoundError) as e:   # DistributedEnvError is a ConfigError
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -15,16 +15,16 @@ import pathlib
 import tempfile
 import time
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from cosim_dist import cosim
-from cosim_dist.decode import make_decoder
-from cosim_dist.evaluate import cosim_spec, frechet_to_reference, seeded_inputs
-from cosim_dist.features import build_metrics
-from cosim_dist.metrics import MomentAccumulator
+from cosim_dist.eval.decode import make_decoder
+from cosim_dist.eval.features import build_metrics
+from cosim_dist.eval.metrics import MomentAccumulator, frechet_to_reference
+from cosim_dist.eval.samplers import cosim_spec, seeded_inputs
 from cosim_dist.nets import build_network
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from cosim_dist.data import (SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, DatasetInfo, ShardStream, latent_scale_bias, shard_name,
-                             write_manifest, write_shard)
+from cosim_dist.data import DatasetInfo, ShardStream, shard_name, write_manifest, write_shard
+from cosim_dist.latents import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
 from cosim_dist.storage import open_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

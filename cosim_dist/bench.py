@@ -9,14 +9,16 @@ import json
 import resource
 import time
 import weakref
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .build import build_trainer, new_network
 from .config import Config, batch_layout
 from .distributed import DistEnv
 from .logging import log
+
 
 class SyntheticStream:
     """A BatchStream of fixed random images (N(0, sigma_data^2)) and uniform one-hot labels."""
@@ -108,7 +110,6 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> dict:
     """Collective: build the trainer around a random-weight teacher, time cfg.bench.iters iterations without and with
     per-phase synchronisation, count one iteration's FLOPs; rank 0 prints and writes bench.json."""
-    from .tasks import build_trainer, new_network
     b, m = cfg.bench, cfg.model
     torch.manual_seed(cfg.run.seed)
     teacher = new_network(cfg).to(device)

@@ -1,5 +1,8 @@
 """Typed configuration: dataclass schema, omegaconf groups (`model=toy data=gmm`), dotted overrides,
-validation that names the offending key and the valid choices, and the resolved-YAML dump."""
+validation that names the offending key and the valid choices, and the resolved-YAML dump.
+
+This module is the one home of every key: its default, its one-line meaning and its validation. It imports no
+torch, so parsing arguments (`launch.py --help`, `--dry-run`, Slurm submission) stays fast."""
 
 import dataclasses
 import difflib
@@ -9,12 +12,11 @@ import pathlib
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-from .engines import EngineConfig, TeacherConfig
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 TASKS = ('default', 'pretrain', 'train', 'eval', 'bench')
+ARCHS = ('toy', 'songunet', 'dhariwalunet', 'edm2')        # model.arch: the networks of cosim_dist.nets.ARCHS
 DEFAULT_GROUPS = {'model': 'toy', 'data': 'gmm'}
 
 class ConfigError(ValueError):
@@ -32,7 +34,7 @@ class RunConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    arch: str = 'toy'                # network architecture (cosim_dist.nets.ARCHS)
+    arch: str = 'toy'                # network architecture: toy | songunet | dhariwalunet | edm2
     teacher: str | None = None       # teacher checkpoint path or URL; null = pretrain the toy teacher
     resolution: int = 16             # image (or latent) resolution
     channels: int = 3                # image (or latent) channels
@@ -47,26 +49,26 @@ class AuxConfig:
     t_embed: str = 'gated'           # second noise embedding for sigma_t: gated | sum
 
 @dataclasses.dataclass
-class GMMDataConfig:
-    classes: int = 10                # toy classes
+class GMMConfig:
+    classes: int = 10                # toy classes (labels 0..classes-1; must equal model.label_dim)
     components: int = 3              # Gaussian components per class
-    rank: int = 4                    # rank of each component's variation
-    template_std: float = 0.35       # std of class templates
-    offset_std: float = 0.2          # std of component offsets
+    rank: int = 4                    # rank of each component's structured variation
+    template_std: float = 0.35       # std of the smooth class templates (pixels live in about [-1, 1])
+    offset_std: float = 0.2          # std of each component's offset from its class template
     variation_std: float = 0.25      # scale of the low-rank variation
-    noise_std: float = 0.03          # isotropic std of every component
-    seed: int = 0                    # seed of the world (templates, bases)
+    noise_std: float = 0.03          # isotropic std that keeps every covariance full rank
+    seed: int = 0                    # seed of the world itself (templates, bases)
 
 @dataclasses.dataclass
 class DataConfig:
     kind: str = 'gmm'                # gmm (exact toy world) | shards (WebDataset shards)
     path: str | None = None          # shard directory or s3:// prefix (kind=shards)
     num_workers: int = 0             # data loader worker processes per rank
-    gmm: GMMDataConfig = dataclasses.field(default_factory=GMMDataConfig)
+    gmm: GMMConfig = dataclasses.field(default_factory=GMMConfig)
 
 @dataclasses.dataclass
 class ScheduleConfig:
-    ratio: float = 4.0               # R of Eq. T1 (gap fraction ~ Beta(R, 1))
+    ratio: float = 4.0               # R of Eq. T1 (gap fraction ~ Beta(R, 1)): larger values favour large gaps t - s
     r_lo: float = 0.0                # r_t ~ U(r_lo, 1) in rho-space
     sigma_s_max: float | None = None # optional cap on sigma_s
     sigma_min: float = 0.002         # smallest noise level
@@ -108,6 +110,20 @@ class CheckpointConfig:
     endpoint_url: str | None = None  # S3 endpoint (default: $AWS_ENDPOINT_URL or AWS)
 
 @dataclasses.dataclass
+class EngineConfig:
+    backend: str = 'torch'           # torch (one process, plain Adam) | deepspeed (ZeRO, any number of processes)
+    zero_stage: int = 0              # DeepSpeed ZeRO stage 0-3 (generator and auxiliary)
+    precision: str = 'fp32'          # fp32 | bf16 (autocast for G and aux; master weights stay fp32)
+    compile: str = 'none'            # torch.compile mode for G, aux and teacher: none | default | reduce-overhead (CUDA graphs) | max-autotune
+    channels_last: bool = False      # NHWC memory format for the networks (faster bf16 convolutions on GPUs)
+    checkpointing: bool = False      # activation checkpointing of every residual block of G and aux (memory option)
+
+@dataclasses.dataclass
+class TeacherConfig:
+    precision: str = 'auto'          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    offload: str = 'none'            # none | cpu (ZeRO-3 inference engine with parameters in host memory)
+
+@dataclasses.dataclass
 class PretrainConfig:
     kimg: float = 300.0              # toy teacher training length in kimg
     batch: int = 256                 # batch size
@@ -127,7 +143,7 @@ class EvalConfig:
     dpm_nfe: list[int] = dataclasses.field(default_factory=lambda: [2, 4, 8])  # DPM-Solver++(2M) baselines (NFE)
     batch: int = 1000                # generation batch
     seed: int = 0                    # first sample seed (sample i uses seed + i)
-    # Real models (model.teacher set or a non-toy arch): FID / FD-DINOv2 against reference statistics (generate.py).
+    # Real models (model.teacher set or a non-toy arch): FID / FD-DINOv2 against reference statistics (eval/real.py).
     samplers: list[str] = dataclasses.field(default_factory=lambda: ['heun', 'dpm', 'cosim'])  # rows: heun | dpm | cosim
     generator: str | None = None     # distilled generator file (snapshot, export dir, s3://); default <run dir>/generator.pt
     metrics: list[str] = dataclasses.field(default_factory=lambda: ['inception', 'dinov2'])  # feature extractors
@@ -180,6 +196,7 @@ class Config:
 
 CHOICES = {
     'task': TASKS,
+    'model.arch': ARCHS,
     'run.device': ('auto', 'cpu', 'cuda'),
     'aux.t_embed': ('gated', 'sum'),
     'data.kind': ('gmm', 'shards'),
@@ -214,14 +231,12 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f'{key}={_get(cfg, key)!r} is invalid; valid choices: {", ".join(map(str, allowed))}')
-    from .nets import ARCHS
-    if cfg.model.arch not in ARCHS:
-        raise ConfigError(f'model.arch={cfg.model.arch!r} is invalid; valid choices: {", ".join(sorted(ARCHS))}')
     for keys, ok, rule in ((('train.lr_g', 'train.lr_aux', 'train.eps', 'pretrain.lr', 'pretrain.kimg', 'model.sigma_data',
                              'model.resolution', 'model.channels', 'schedule.sigma_min', 'schedule.rho', 'schedule.ratio',
                              'checkpoint.keep', 'train.batch', 'train.kimg', 'pretrain.batch', 'eval.num_samples',
                              'eval.batch', 'eval.heun_steps', 'train.aux_steps_per_gen', 'eval.chunk',
-                             'eval.decode_batch'), lambda v: v > 0, '> 0'),
+                             'eval.decode_batch', 'data.gmm.noise_std'), lambda v: v > 0, '> 0'),
+                           (('data.gmm.classes', 'data.gmm.components', 'data.gmm.rank'), lambda v: v >= 1, '>= 1'),
                            (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
                            (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'), lambda v: v >= 0, '>= 0')):
         for key in keys:                # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)

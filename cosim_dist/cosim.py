@@ -1,10 +1,10 @@
-"""CoSIM math (ALGORITHM.md Part I): the joint time schedule (Eq. T1), the transition kernel (Eq. K1),
+"""CoSIM math (docs/ALGORITHM.md): the joint time schedule (Eq. T1), the transition kernel (Eq. K1),
 the auxiliary loss (Eq. A1), the generator loss (Eq. G1), the EMA of Eq. L1, the K-step sampler (Eq. S1)
 and the teacher's Heun sampler. Networks are called as `net(x, sigma, class_labels, [sigma_t])`."""
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -13,7 +13,7 @@ from .nets.precond import edm_loss_weight
 Net = Callable[..., torch.Tensor]
 
 #----------------------------------------------------------------------------
-# Noise levels in rho-space (ALGORITHM.md Eq. T1 and Part II s.1 "Sampler"):
+# Noise levels in rho-space (docs/ALGORITHM.md, Eq. T1):
 #   r(sigma) = (sigma^(1/rho) - sigma_min^(1/rho)) / (sigma_max^(1/rho) - sigma_min^(1/rho)).
 
 @dataclasses.dataclass(kw_only=True)
@@ -33,7 +33,7 @@ class NoiseRange:
         return (sigma ** (1 / self.rho) - lo) / (hi - lo)
 
 def edm_grid(num_points: int, noise: NoiseRange) -> torch.Tensor:
-    """The rho-grid sigma_i, i = 0..N-1, from sigma_max down to sigma_min (float64; Part II s.1, Heun)."""
+    """The rho-grid sigma_i, i = 0..N-1, from sigma_max down to sigma_min (float64; the Heun sampler's grid)."""
     return noise.sigma(1 - torch.arange(num_points, dtype=torch.float64) / (num_points - 1))
 
 #----------------------------------------------------------------------------
@@ -42,16 +42,11 @@ def edm_grid(num_points: int, noise: NoiseRange) -> torch.Tensor:
 
 @dataclasses.dataclass(kw_only=True)
 class TimeSchedule:
-    ratio: float = 4.0                 # R of Eq. T1: larger values favour large gaps t - s
-    r_lo: float = 0.0                  # lower end of r_t
-    sigma_s_max: float | None = None   # optional cap on sigma_s
-    noise: NoiseRange = dataclasses.field(default_factory=NoiseRange)
-
-    def __post_init__(self) -> None:
-        if self.ratio <= 0:
-            raise ValueError(f'schedule.ratio={self.ratio} must be > 0 (R of Eq. T1)')
-        if not 0 <= self.r_lo < 1:
-            raise ValueError(f'schedule.r_lo={self.r_lo} must lie in [0, 1)')
+    """Eq. T1 with the values of the `schedule.*` keys (config.ScheduleConfig: their meaning and validation)."""
+    ratio: float                       # R
+    r_lo: float                        # lower end of r_t
+    sigma_s_max: float | None          # optional cap on sigma_s
+    noise: NoiseRange
 
     def sample(self, n: int, gen: torch.Generator | None = None, device: torch.device | str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. T1: draw (sigma_s, sigma_t) [n] each, with sigma_s < sigma_t."""
@@ -85,8 +80,6 @@ def _bcast(sigma: torch.Tensor) -> torch.Tensor:
 def transition_kernel(G: Net, x0: torch.Tensor, labels: torch.Tensor | None, sigma_s: torch.Tensor,
                       sigma_t: torch.Tensor, n_t: torch.Tensor, n_s: torch.Tensor, eta: float = 1.0) -> KernelSample:
     """Eq. K1: forward-noise real data to sigma_t with n_t, apply the generator, re-noise to sigma_s with n_s."""
-    if not 0 < eta <= 1:
-        raise ValueError(f'kernel.eta={eta} must lie in (0, 1]')
     s, t = _bcast(sigma_s), _bcast(sigma_t)
     x_t = x0 + t * n_t
     x0_hat = G(x_t, sigma_t, labels).to(x0.dtype)
@@ -173,7 +166,7 @@ def cosim_sample(G: Net, z: torch.Tensor, labels: torch.Tensor | None, grid: lis
     return x0_hat
 
 #----------------------------------------------------------------------------
-# The teacher's Heun sampler (EDM Algorithm 2, deterministic; Part II s.1): NFE = 2N - 1.
+# The teacher's Heun sampler (EDM Algorithm 2, deterministic): NFE = 2N - 1.
 
 @torch.no_grad()
 def heun_sample(net: Net, z: torch.Tensor, labels: torch.Tensor | None, num_steps: int = 18,

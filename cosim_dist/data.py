@@ -14,7 +14,7 @@ Dataset layout (written by `data_tools/make_shards.py` and `data_tools/encode_la
 
 What ShardStream returns (per rank, per next_batch()):
     x0      float32 [B, C, H, W]: pixels x/127.5 - 1; float pixels as stored; latents re-sampled on every use as
-            (mean + std*n)*scale + bias (ALGORITHM.md Part II s.2), with n drawn from a generator seeded by
+            (mean + std*n)*scale + bias (docs/ALGORITHM.md, "Reference facts"), with n drawn from a generator seeded by
             (seed, global sample index), the index being epoch*N + position of the sample in manifest order. The
             noise of a sample therefore depends neither on the world size nor on the number of workers.
     labels  float32 one-hot [B, label_count] ([B, 0] for unlabelled data).
@@ -61,15 +61,6 @@ log = logging.getLogger('cosim_dist')
 MANIFEST = 'manifest.parquet'
 INFO_KEY = b'cosim_dist.info'
 KINDS = ('pixels', 'pixels_float', 'latents')
-
-# Stable Diffusion VAE (stabilityai/sd-vae-ft-mse) latent statistics measured by EDM2 (ALGORITHM.md Part II s.2).
-SD_VAE_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
-SD_VAE_RAW_STD = (4.17, 4.62, 3.71, 3.28)
-
-def latent_scale_bias(raw_mean: Iterable[float], raw_std: Iterable[float]) -> tuple[list[float], list[float]]:
-    """Per-channel (scale, bias) with z = latent*scale + bias: scale = 0.5/raw_std, bias = -raw_mean*scale."""
-    scale = [0.5 / s for s in raw_std]
-    return scale, [-m * s for m, s in zip(raw_mean, scale)]
 
 #----------------------------------------------------------------------------
 # Dataset metadata and manifest.

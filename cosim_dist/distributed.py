@@ -7,14 +7,16 @@ import os
 import random
 import re
 import socket
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
+
+from .config import ConfigError
 
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 SLURM_VARS = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID', 'SLURM_JOB_NODELIST', 'SLURM_JOB_ID')
 
-class DistributedEnvError(RuntimeError):
+class DistributedEnvError(ConfigError):
     """The environment describes a distributed job only partially."""
 
 @dataclasses.dataclass(frozen=True)

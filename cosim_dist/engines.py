@@ -9,27 +9,14 @@ construction and after every optimiser step, to the module's weights and to the 
 Precision is autocast (fp32 master weights, see `autocast`)."""
 
 import contextlib
-import dataclasses
 import os
 import pathlib
 
 import torch
 
+from .config import EngineConfig, TeacherConfig
 from .nets import WeightConstraint, checkpoint_blocks
 
-@dataclasses.dataclass
-class EngineConfig:
-    backend: str = 'torch'           # torch (one process, plain Adam) | deepspeed (ZeRO, any number of processes)
-    zero_stage: int = 0              # DeepSpeed ZeRO stage 0-3 (generator and auxiliary)
-    precision: str = 'fp32'          # fp32 | bf16 (autocast for G and aux; master weights stay fp32)
-    compile: str = 'none'            # torch.compile mode for G, aux and teacher: none | default | reduce-overhead (CUDA graphs) | max-autotune
-    channels_last: bool = False      # NHWC memory format for the networks (faster bf16 convolutions on GPUs)
-    checkpointing: bool = False      # activation checkpointing of every residual block of G and aux (memory option)
-
-@dataclasses.dataclass
-class TeacherConfig:
-    precision: str = 'auto'          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    offload: str = 'none'            # none | cpu (ZeRO-3 inference engine with parameters in host memory)
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for forward passes, or nothing for fp32."""
@@ -147,8 +134,6 @@ class DeepSpeedEngine:
 
     def __init__(self, module: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, *, micro_batch: int,
                  accum: int, world_size: int, zero_stage: int, constraint: WeightConstraint | None = None) -> None:
-        if zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f'engine.zero_stage={zero_stage} is invalid; valid choices: 0, 1, 2, 3')
         deepspeed = import_deepspeed()
         sanitize_gradients(module)
         _share_scalar_parameters(module, zero_stage)

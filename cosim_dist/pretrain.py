@@ -1,4 +1,4 @@
-"""Pretraining of the toy teacher by EDM denoising score matching (ALGORITHM.md Part II s.1,
+"""Pretraining of the toy teacher by EDM denoising score matching (docs/ALGORITHM.md, "Reference facts",
 "Training noise and weighting"): ln sigma ~ N(P_mean, P_std^2), loss lambda(sigma) |D(x0 + sigma n) - x0|^2."""
 
 import copy
@@ -10,11 +10,13 @@ from . import cosim
 from .config import PretrainConfig
 from .logging import RunLogger
 from .nets.precond import edm_loss_weight
-from .trainer import BatchStream, step_seed
+from .seeds import step_seed
+from .trainer import BatchStream
+
 
 def dsm_loss(net: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, cfg: PretrainConfig,
              sigma_data: float, gen: torch.Generator) -> torch.Tensor:
-    """EDM denoising score matching loss (Part II s.1), summed over pixels, mean over the batch."""
+    """EDM denoising score matching loss (docs/ALGORITHM.md), summed over pixels, mean over the batch."""
     n = x0.shape[0]
     sigma = (torch.randn(n, generator=gen, device=x0.device) * cfg.p_std + cfg.p_mean).exp()
     noisy = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen, device=x0.device)

@@ -1,7 +1,7 @@
 """Network files: official EDM / EDM2 / SiD pickles read without NVIDIA's code, our own snapshots, and the pickle-free
 export (safetensors + JSON) of a distilled generator.
 
-Official pickles (ALGORITHM.md Part II s.2 "Pickle structure and loading without NVlabs code") hold
+Official pickles (docs/ALGORITHM.md, "Reference facts") hold
 `torch_utils.persistence` records {module_src, class_name, state}. A restricted unpickler maps each record to plain
 data and refuses every global outside an explicit allow-list; `module_src` is never executed. The architecture comes
 from the recorded constructor arguments (`_init_kwargs`), the weights from the records' parameters and buffers.
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .nets import ARCHS, build_network
 from . import storage
+from .nets import ARCHS, build_network
 
 #----------------------------------------------------------------------------
 # Restricted unpickling: persistence records and containers become plain data.
@@ -46,7 +46,7 @@ def _load_storage(data: bytes):
     return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
 
 try:
-    from numpy._core import multiarray as _np_multiarray    # numpy >= 2
+    from numpy._core import multiarray as _np_multiarray  # numpy >= 2
 except ImportError:
     from numpy.core import multiarray as _np_multiarray
 

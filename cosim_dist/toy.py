@@ -1,35 +1,17 @@
 """The toy world: a class-conditional Gaussian mixture of images with an exact sampler, a closed-form
 denoiser E[x0 | x_sigma, c] and exact first and second moments (the ground truth of the embedded run)."""
 
-import dataclasses
 import math
 
 import torch
+
+from .config import GMMConfig
+from .seeds import step_seed
 
 #----------------------------------------------------------------------------
 # Each class c owns `components` Gaussians N(mu_k, Sigma_k) with equal weights, where
 #   Sigma_k = Q_k diag(a_k^2) Q_k^T + eps^2 I,  Q_k an orthonormal [D, rank] basis of smooth patterns.
 # Classes are uniform. Everything is computed in float64 on the CPU.
-
-@dataclasses.dataclass(kw_only=True)
-class GMMConfig:
-    classes: int = 10           # number of classes (labels 0..classes-1)
-    components: int = 3         # Gaussian components per class
-    rank: int = 4               # rank of each component's structured variation
-    resolution: int = 16        # image height = width
-    channels: int = 3           # image channels
-    template_std: float = 0.35  # std of the smooth class templates (pixels live in about [-1, 1])
-    offset_std: float = 0.2     # std of each component's offset from its class template
-    variation_std: float = 0.25 # scale of the low-rank variation a_k
-    noise_std: float = 0.03     # isotropic std eps that makes every covariance full rank
-    seed: int = 0               # seed of the world itself (templates and bases)
-
-    def __post_init__(self) -> None:
-        for key in ('classes', 'components', 'rank', 'resolution', 'channels'):
-            if getattr(self, key) < 1:
-                raise ValueError(f'data.gmm.{key}={getattr(self, key)} must be >= 1')
-        if self.noise_std <= 0:
-            raise ValueError(f'data.gmm.noise_std={self.noise_std} must be > 0 (it keeps covariances full rank)')
 
 def _smooth_patterns(n: int, channels: int, res: int, gen: torch.Generator) -> torch.Tensor:
     """n random smooth images [n, C*res*res]: bicubic upsampling of 4x4 noise, unit RMS."""
@@ -41,16 +23,16 @@ def _smooth_patterns(n: int, channels: int, res: int, gen: torch.Generator) -> t
 class GMMWorld:
     """Exact class-conditional Gaussian-mixture image distribution."""
 
-    def __init__(self, cfg: GMMConfig) -> None:
+    def __init__(self, cfg: GMMConfig, resolution: int = 16, channels: int = 3) -> None:
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         C, R, K = cfg.classes, cfg.components, cfg.rank
-        self.shape = (cfg.channels, cfg.resolution, cfg.resolution)
+        self.shape = (channels, resolution, resolution)
         self.dim = math.prod(self.shape)
-        templates = _smooth_patterns(C, cfg.channels, cfg.resolution, gen) * cfg.template_std
-        offsets = _smooth_patterns(C * R, cfg.channels, cfg.resolution, gen) * cfg.offset_std
+        templates = _smooth_patterns(C, channels, resolution, gen) * cfg.template_std
+        offsets = _smooth_patterns(C * R, channels, resolution, gen) * cfg.offset_std
         self.mu = (templates.repeat_interleave(R, dim=0) + offsets)                     # [C*R, D]
-        bases = _smooth_patterns(C * R * K, cfg.channels, cfg.resolution, gen).reshape(C * R, K, self.dim)
+        bases = _smooth_patterns(C * R * K, channels, resolution, gen).reshape(C * R, K, self.dim)
         self.Q = torch.linalg.qr(bases.transpose(1, 2)).Q                               # [C*R, D, K]
         self.a = cfg.variation_std * torch.linspace(1.0, 0.5, K, dtype=torch.float64).expand(C * R, K).clone()
         self.eps2 = cfg.noise_std ** 2
@@ -121,7 +103,7 @@ class GMMStream:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         global_batch = self.batch * self.world_size
         step = self.consumed // global_batch
-        gen = torch.Generator().manual_seed(hash((self.seed, step)) & 0x7fff_ffff_ffff)
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step))
         x0, labels = self.world.sample(global_batch, gen)
         rows = slice(self.rank * self.batch, (self.rank + 1) * self.batch)
         self.consumed += global_batch

@@ -1,4 +1,4 @@
-"""The CoSIM distillation loop (ALGORITHM.md Eq. L1). It receives built components and knows nothing of
+"""The CoSIM distillation loop (docs/ALGORITHM.md, Eq. L1). It receives built components and knows nothing of
 launchers, Slurm or object storage; `should_stop()` is the preemption seam checked at step boundaries.
 
 Randomness is a function of (seed, images seen): every step reseeds the global RNG (dropout) and draws the
@@ -10,7 +10,8 @@ import dataclasses
 import pathlib
 import shutil
 import time
-from typing import Callable, ContextManager, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -19,6 +20,8 @@ from .config import KernelConfig, LossConfig, TrainConfig, check_resume
 from .distributed import any_rank, rank_mean
 from .engines import autocast
 from .logging import RunLogger, log
+from .seeds import step_seed
+
 
 class BatchStream(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -30,10 +33,6 @@ class Checkpointer(Protocol):
     def stage(self, nimg: int) -> pathlib.Path: ...     # collective: local directory to write a checkpoint into
     def commit(self, nimg: int) -> None: ...            # collective: every rank wrote; make it the newest
     def close(self) -> None: ...                        # collective: finish pending uploads
-
-def step_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed derived from the run seed and counters (EDM2's per-step reseeding)."""
-    return hash((seed, *parts)) & 0x7fff_ffff_ffff_ffff
 
 def finite_rows(*xs: torch.Tensor) -> torch.Tensor:
     """Mask [N] of samples whose tensors are all finite (NaN samples are dropped and counted, Eq. L1)."""
@@ -57,7 +56,7 @@ class Trainer:
                  sigma_data: float, seed: int, logger: RunLogger, device: torch.device, precision: str = 'fp32',
                  checkpointer: Checkpointer | None = None, should_stop: Callable[[], bool] = lambda: False,
                  rank: int = 0, world_size: int = 1, batch_gpu: int | None = None, fingerprint: dict | None = None,
-                 timer: Callable[[str], ContextManager] | None = None) -> None:
+                 timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> None:
         self.teacher, self.g, self.aux, self.data = teacher, g_engine, aux_engine, data
         self.schedule, self.train_cfg, self.loss_cfg, self.kernel_cfg = schedule, train, loss, kernel
         self.sigma_data, self.seed, self.logger, self.device, self.precision = sigma_data, seed, logger, device, precision
@@ -107,13 +106,18 @@ class Trainer:
     #------------------------------------------------------------------------
 
     def _micro_batch(self, gen: torch.Generator):
-        """Data, times (Eq. T1) and kernel noise (Eq. K1) of this rank's slice of the global micro-batch."""
+        """Data, times (Eq. T1) and kernel noise (Eq. K1) of this rank's slice of the global micro-batch. Samples with
+        non-finite data are dropped (and counted) here, before any network sees them: a NaN that entered G's forward
+        would reach every weight gradient and, sanitised to 0, freeze the generator for the step."""
         x0, c = self.data.next_batch()
         x0, c = x0.to(self.device, non_blocking=True), c.to(self.device, non_blocking=True)
         n, lo = x0.shape[0] * self.world_size, x0.shape[0] * self.rank
         s, t = (v[lo:lo + x0.shape[0]] for v in self.schedule.sample(n, gen, self.device))
-        noise = torch.randn(2, n, *x0.shape[1:], generator=gen, device=self.device)[:, lo:lo + x0.shape[0]]
-        return x0, (c if c.shape[1] else None), s, t, noise[0], noise[1]
+        n_t, n_s = torch.randn(2, n, *x0.shape[1:], generator=gen, device=self.device)[:, lo:lo + x0.shape[0]]
+        ok = finite_rows(x0)
+        self._count_dropped(ok)
+        x0, c, s, t, n_t, n_s = (v[ok] for v in (x0, c, s, t, n_t, n_s))
+        return x0, (c if c.shape[1] else None), s, t, n_t, n_s
 
     def _count_dropped(self, ok: torch.Tensor) -> None:
         self.state.nan_dropped += int((~ok).sum())

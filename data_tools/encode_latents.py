@@ -1,7 +1,7 @@
 """Encode a pixel shard dataset (data_tools/make_shards.py) into latent shards holding the VAE posterior mean and std
 (format: cosim_dist/data.py), with a diffusers AutoencoderKL loaded from a local directory in the
 `stabilityai/sd-vae-ft-mse` layout (config.json + weights). Pixels enter the VAE as x/255 in [0, 1] and the dataset
-records scale = 0.5/raw_std, bias = -raw_mean*scale (EDM2 conventions, ALGORITHM.md Part II s.2).
+records scale = 0.5/raw_std, bias = -raw_mean*scale (EDM2 conventions, docs/ALGORITHM.md, "Reference facts").
 
 The work is split into --tasks tasks: output shard i (same name and samples as input shard i) belongs to task
 i % tasks. A task skips every shard already done, i.e. present and matching its entry `_entries/<shard>.json`
@@ -28,9 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosim_dist.data import (SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, CorruptShard, DatasetInfo, ShardEntry, latent_scale_bias,
-                             load_shard, read_manifest, write_manifest, write_shard)
-from cosim_dist.decode import load_vae
+from cosim_dist.data import (
+    CorruptShard,
+    DatasetInfo,
+    ShardEntry,
+    load_shard,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+from cosim_dist.eval.decode import load_vae
+from cosim_dist.latents import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
 from cosim_dist.storage import ObjectStore, StorageConfig, open_store
 
 ENTRIES = '_entries' # one JSON ShardEntry per finished output shard

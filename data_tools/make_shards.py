@@ -7,7 +7,7 @@ Sources:
                         integer labels under 'y', 'labels' or 'arr_1'; a FILE.npy holds images only
     --gmm N             N exact samples of the toy GMM world (cosim_dist/toy.py, default GMMConfig), stored as float32
                         pixels (kind 'pixels_float'); other worlds: call write_gmm_shards()
-Images are brought to --resolution with the ADM centre crop (ALGORITHM.md Part II s.2) and shuffled (--seed) before
+Images are brought to --resolution with the ADM centre crop (docs/ALGORITHM.md) and shuffled (--seed) before
 sharding, so that every shard mixes all classes. --out is a local directory or an s3:// URL.
 
     python -m data_tools.make_shards --source /data/imagenet/train --out s3://bucket/in512-pixels --resolution 512
@@ -115,7 +115,7 @@ def write_gmm_shards(world, n: int, out: str, *, seed: int = 0, samples_per_shar
                      storage: StorageConfig | None = None) -> list[ShardEntry]:
     """Write `n` exact samples of `world` (a cosim_dist.toy.GMMWorld) drawn with torch.Generator seeded by `seed`:
     the shards hold exactly `world.sample(n, generator)` (drawn in chunks of samples_per_shard) as float32 pixels."""
-    info = DatasetInfo(kind='pixels_float', resolution=world.cfg.resolution, channels=world.cfg.channels,
+    info = DatasetInfo(kind='pixels_float', resolution=world.shape[1], channels=world.shape[0],
                        label_count=world.num_classes, extra={'source': 'gmm', 'gmm': dataclasses.asdict(world.cfg), 'seed': seed})
     gen = torch.Generator().manual_seed(seed)
     chunks = (world.sample(min(samples_per_shard, n - start), gen) for start in range(0, n, samples_per_shard))
@@ -139,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> list[ShardEntry]:
     args = parser.parse_args(argv)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     if args.gmm is not None:
-        from cosim_dist.toy import GMMConfig, GMMWorld
+        from cosim_dist.config import GMMConfig
+        from cosim_dist.toy import GMMWorld
         return write_gmm_shards(GMMWorld(GMMConfig()), args.gmm, args.out, seed=args.seed,
                                 samples_per_shard=args.samples_per_shard, storage=storage)
     if args.resolution is None or args.resolution < 1:

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cosim_dist import extractors
+from cosim_dist.eval import extractors
+from cosim_dist.eval.metrics import MomentAccumulator, save_ref
 from cosim_dist.storage import sha256_file
-from cosim_dist.metrics import MomentAccumulator, save_ref
+
 
 def folder_batches(root: pathlib.Path, resolution: int, batch: int, limit: int | None) -> Iterator[torch.Tensor]:
     from PIL import Image
+
     from data_tools.make_shards import adm_center_crop
     files = sorted(p for p in root.rglob('*') if p.suffix.lower() in ('.png', '.jpg', '.jpeg', '.webp', '.bmp'))[:limit]
     if not files:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from cosim_dist import cosim, tasks
+from cosim_dist import build, cosim, tasks
 from cosim_dist.bench import SyntheticStream
 from cosim_dist.config import ConfigError, load_config
 
@@ -30,7 +30,7 @@ def tiny_config(tmp_path, arch: str, *args: str):
 def random_teacher(cfg) -> torch.nn.Module:
     """Random weights with every gain away from 0 (EDM2 initialises some to 0, which would hide gradients)."""
     torch.manual_seed(0)
-    net = tasks.new_network(cfg)
+    net = build.new_network(cfg)
     with torch.no_grad():
         for p in net.parameters():
             if p.ndim == 0:
@@ -58,8 +58,8 @@ def iteration_grads(cfg) -> tuple[tuple[float, float], dict[str, torch.Tensor], 
     real_aux_loss, real_generator_loss = cosim.aux_loss, cosim.generator_loss
     m = cfg.model
     data = SyntheticStream((m.channels, m.resolution, m.resolution), m.label_dim, cfg.train.batch, m.sigma_data)
-    tasks.prepare_run_dir(cfg)
-    trainer = tasks.build_trainer(cfg, random_teacher(cfg), torch.device('cpu'), data=data, checkpoints=False, timer=grab)
+    build.prepare_run_dir(cfg)
+    trainer = build.build_trainer(cfg, random_teacher(cfg), torch.device('cpu'), data=data, checkpoints=False, timer=grab)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cosim, 'aux_loss', aux_loss)
         patch.setattr(cosim, 'generator_loss', generator_loss)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cosim_dist import tasks
+from cosim_dist import build
 from cosim_dist.checkpoint import CheckpointManager, step_prefix
 from cosim_dist.config import load_config
 
@@ -74,16 +74,16 @@ def test_trainer_resumes_from_s3(s3_env, tmp_path):
     args = [f'run.root={tmp_path}', 'train.kimg=0.128', 'train.batch=32', 'train.checkpoint_kimg=0.064',
             'logging.wandb=disabled', 'logging.progress=false', 'model.net.model_channels=16', f'checkpoint.url={url}']
     cfg = load_config(args)
-    tasks.prepare_run_dir(cfg)
+    build.prepare_run_dir(cfg)
     torch.manual_seed(0)
-    teacher = tasks.new_network(cfg).eval().requires_grad_(False)
-    first = tasks.build_trainer(cfg, teacher, torch.device('cpu'))
+    teacher = build.new_network(cfg).eval().requires_grad_(False)
+    first = build.build_trainer(cfg, teacher, torch.device('cpu'))
     steps = iter(range(100))
     first.should_stop = lambda: next(steps) >= 2
     first.train()
-    second = tasks.build_trainer(cfg, teacher, torch.device('cpu'))
+    second = build.build_trainer(cfg, teacher, torch.device('cpu'))
     second.train()
-    straight = tasks.build_trainer(load_config(args + [f'checkpoint.url={tmp_path}/straight']), teacher, torch.device('cpu'))
+    straight = build.build_trainer(load_config(args + [f'checkpoint.url={tmp_path}/straight']), teacher, torch.device('cpu'))
     straight.train()
     for a, b in zip(second.ema.parameters(), straight.ema.parameters()):
         assert torch.equal(a, b)

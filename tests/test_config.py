@@ -27,6 +27,11 @@ def test_defaults_groups_and_overrides():
     (['train.kimg=abc'], "bad value for 'train.kimg'"),
     (['train.batch=0'], 'train.batch=0 must be > 0'),
     (['kernel.eta=0'], 'kernel.eta=0.0 must lie in (0, 1]'),
+    (['schedule.ratio=0'], 'schedule.ratio=0.0 must be > 0'),
+    (['schedule.r_lo=1'], 'schedule.r_lo=1.0 must be in [0, 1)'),
+    (['model.arch=vit'], "model.arch='vit' is invalid; valid choices: toy, songunet, dhariwalunet, edm2"),
+    (['data.gmm.rank=0'], 'data.gmm.rank=0 must be >= 1'),
+    (['data.gmm.noise_std=0'], 'data.gmm.noise_std=0.0 must be > 0'),
     (['train.lr_g=-1e-4'], 'train.lr_g=-0.0001 must be > 0'),
     (['train.beta2=1'], 'train.beta2=1.0 must be in [0, 1)'),
     (['train.ema_halflife_kimg=-2'], 'train.ema_halflife_kimg=-2.0 must be >= 0'),
@@ -85,7 +90,7 @@ def test_every_model_group_is_tested():
 
 @pytest.mark.parametrize('name', sorted(MODEL_PARAMS))
 def test_model_configs_build_the_published_architectures(name):
-    from cosim_dist.tasks import new_network
+    from cosim_dist.build import new_network
     cfg = load_config([f'model={name}', 'data.path=/data/shards'])
     assert cfg.groups['data'] == {'edm-': 'cifar10' if 'cifar' in name else 'imagenet64'}.get(name[:4], 'imagenet512')
     assert cfg.engine.backend == 'deepspeed' and cfg.train.batch == 2048 and cfg.eval.num_samples == 50000

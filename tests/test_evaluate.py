@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from cosim_dist import cosim, tasks
+from cosim_dist import build, cosim
 from cosim_dist.config import CONFIG_DIR, load_config
-from cosim_dist.evaluate import cosim_spec, rank_seeds, sampler_moments, tune_grid
+from cosim_dist.eval.samplers import cosim_spec, rank_seeds, sampler_moments, tune_grid
 from cosim_dist.teacher_io import save_snapshot
 
 def test_rank_seeds_partition_the_range():
@@ -32,8 +32,8 @@ def test_two_ranks_give_the_same_table_as_one(tmp_path):
     args = [f'run.root={tmp_path}', 'run.name=ev', 'task=eval', 'pretrain.kimg=0.5', 'model.net.model_channels=16',
             'eval.num_samples=600', 'eval.heun_steps=3', 'eval.batch=64', 'logging.wandb=disabled', 'logging.progress=false']
     cfg = load_config(args)
-    tasks.prepare_run_dir(cfg)
-    teacher = tasks.get_teacher(cfg, torch.device('cpu'))
+    build.prepare_run_dir(cfg)
+    teacher = build.get_teacher(cfg, torch.device('cpu'))
     save_snapshot(cfg.run_dir / 'generator.pt', teacher)
     tables = []
     for nproc in (1, 2):

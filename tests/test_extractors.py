@@ -4,7 +4,7 @@ weights-path code (no official weights exist on this machine)."""
 import pytest
 import torch
 
-from cosim_dist import extractors
+from cosim_dist.eval import extractors
 
 def images(n: int, size: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from cosim_dist import extractors
-from cosim_dist.features import build_metric, reference_stats
-from cosim_dist.metrics import save_ref
+from cosim_dist.eval import extractors
+from cosim_dist.eval.features import build_metric, reference_stats
+from cosim_dist.eval.metrics import save_ref
 from cosim_dist.storage import sha256_file
 
 def test_only_the_official_inception_weights_give_fid(inception_weights, monkeypatch, tmp_path):

@@ -14,8 +14,8 @@ import torch
 
 from cosim_dist import tasks
 from cosim_dist.config import CONFIG_DIR, load_config
-from cosim_dist.generate import rank_chunks, seed_chunks
-from cosim_dist.metrics import save_ref
+from cosim_dist.eval.real import rank_chunks, seed_chunks
+from cosim_dist.eval.metrics import save_ref
 from cosim_dist.nets import build_network
 from cosim_dist.storage import sha256_file
 from cosim_dist.teacher_io import save_snapshot

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from cosim_dist import tasks
+from cosim_dist import build
 from cosim_dist.config import CONFIG_DIR, load_config
-from cosim_dist.evaluate import cosim_spec, frechet_to_reference, sampler_moments
+from cosim_dist.eval.metrics import frechet_to_reference
+from cosim_dist.eval.samplers import cosim_spec, sampler_moments
 
 SMALL = ['pretrain.kimg=25', 'pretrain.batch=128', 'train.kimg=6', 'train.batch=32', 'train.log_kimg=2',
          'train.checkpoint_kimg=3', 'eval.num_samples=2000', 'eval.heun_steps=8', 'logging.progress=false']
@@ -34,8 +35,8 @@ def test_small_run_improves_on_initialisation(tmp_path):
 
     # The same seeds through the generator at initialisation (the teacher itself as the one-step kernel).
     cfg = load_config(args)
-    teacher = tasks.get_teacher(cfg, torch.device('cpu'))
-    world = tasks.make_world(cfg)
+    teacher = build.get_teacher(cfg, torch.device('cpu'))
+    world = build.make_world(cfg)
     mu, sigma = (m.numpy() for m in world.moments())
     floor = rows['exact samples (noise floor)']['frechet_distance']          # sampling noise at 2000 samples
     acc = sampler_moments(cosim_spec(teacher, [80.0]), range(2000), world.shape, 10, 500,

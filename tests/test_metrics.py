@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from cosim_dist.metrics import MomentAccumulator, frechet_distance
+from cosim_dist.eval.metrics import MomentAccumulator, frechet_distance
 
 def scipy_frechet(mu1, s1, mu2, s2):
     covmean = scipy.linalg.sqrtm(s1 @ s2).real

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cosim_dist import tasks
+from cosim_dist import build, tasks
 from cosim_dist.config import ConfigError, load_config
-from cosim_dist.data import DatasetInfo, latent_scale_bias, shard_name, write_manifest, write_shard
+from cosim_dist.latents import latent_scale_bias
+from cosim_dist.data import DatasetInfo, shard_name, write_manifest, write_shard
 from cosim_dist.nets import build_network
 from cosim_dist.storage import open_store
 from cosim_dist.teacher_io import load_snapshot, save_snapshot
@@ -32,10 +33,10 @@ def write_latents(url: str, raw_mean: list[float], raw_std: list[float], shards:
 
 def test_student_takes_the_teachers_architecture_and_the_configs_dropout():
     cfg = load_config(['model=edm2-m', 'data.path=x', *TINY])          # edm2-m: Table 5 dropout 0.1
-    kwargs = tasks.student_kwargs(cfg, tiny_edm2(dropout=0.0))
+    kwargs = build.student_kwargs(cfg, tiny_edm2(dropout=0.0))
     assert kwargs['dropout'] == 0.1 and kwargs['model_channels'] == 16
     with pytest.raises(ConfigError, match=r'model_channels=256 \(teacher: 16\).*select the model group'):
-        tasks.student_kwargs(load_config(['model=edm2-m', 'data.path=x', 'model.resolution=8', 'model.label_dim=5',
+        build.student_kwargs(load_config(['model=edm2-m', 'data.path=x', 'model.resolution=8', 'model.label_dim=5',
                                           'model.net.num_blocks=1', 'model.net.attn_resolutions=[8]',
                                           'model.net.channel_mult=[1,2]']), tiny_edm2())
 
@@ -43,12 +44,12 @@ def test_dataset_must_match_the_model(tmp_path):
     cfg = load_config(['model=edm2-xs', f'data.path={tmp_path}', *TINY])
     write_latents(str(tmp_path), [0.0, 0, 0, 0], [1.0, 1, 1, 1])
     with pytest.raises(ConfigError, match=r'latent scale/bias .* differ from the model'):
-        tasks.make_stream(cfg, 4, seed=0)
+        build.make_stream(cfg, 4, seed=0)
     with pytest.raises(ConfigError, match=r'holds 4x8x8 samples with 5 classes, but model edm2-xs expects 4x8x8 with '
                                           r'1000 classes'):
-        tasks.make_stream(load_config(['model=edm2-xs', f'data.path={tmp_path}', *TINY, 'model.label_dim=1000']), 4, 0)
+        build.make_stream(load_config(['model=edm2-xs', f'data.path={tmp_path}', *TINY, 'model.label_dim=1000']), 4, 0)
     with pytest.raises(ConfigError, match='holds latents but model toy is a pixel model'):
-        tasks.make_stream(load_config([f'data.path={tmp_path}', 'data.kind=shards', 'model.resolution=8',
+        build.make_stream(load_config([f'data.path={tmp_path}', 'data.kind=shards', 'model.resolution=8',
                                        'model.channels=4', 'model.label_dim=5']), 4, 0)
 
 def test_edm2_latent_training_run(tmp_path):

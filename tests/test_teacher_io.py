@@ -16,7 +16,7 @@ from cosim_dist import teacher_io
 from cosim_dist.nets import build_network
 
 #----------------------------------------------------------------------------
-# The official layout (ALGORITHM.md Part II s.2 "Pickle structure"): every persistent object pickles as a call to
+# The official layout (docs/ALGORITHM.md, "Reference facts"): every persistent object pickles as a call to
 # torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type, version, module_src, class_name, state}
 # with state = the object's __dict__ plus _init_args/_init_kwargs; plain ModuleDicts pickle by value; EDM2 wraps
 # everything in a dnnlib.util.EasyDict. Stand-ins for NVIDIA's modules exist in sys.modules only while writing.

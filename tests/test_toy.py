@@ -2,7 +2,8 @@
 
 import torch
 
-from cosim_dist.toy import GMMConfig, GMMStream, GMMWorld
+from cosim_dist.config import GMMConfig
+from cosim_dist.toy import GMMStream, GMMWorld
 
 def test_closed_form_denoiser_matches_monte_carlo_posterior_mean():
     world = GMMWorld(GMMConfig())

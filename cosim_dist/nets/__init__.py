@@ -1,4 +1,4 @@
-"""Denoiser networks: every architecture is an EDM-preconditioned module called as
+"""Denoiser networks: every architecture is an EDM-preconditioned module (`precond.Precond`) called as
 `net(x, sigma, class_labels=None, sigma_t=None, return_logvar=False)`.
 
 `class_labels` is one-hot [N, label_dim] (or None), `sigma` a scalar or [N] tensor. `sigma_t` is only
@@ -8,7 +8,7 @@ constructor arguments in `self.init_kwargs` so that copies (generator, auxiliary
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint

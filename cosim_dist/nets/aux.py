@@ -1,5 +1,5 @@
 """The auxiliary network D_psi(x_s; sigma_s, sigma_t, c): the teacher architecture plus a second
-noise embedding for sigma_t (ALGORITHM.md "The three networks", Part II s.6.1)."""
+noise embedding for sigma_t (docs/ALGORITHM.md, "Networks")."""
 
 import torch
 

@@ -1,6 +1,6 @@
-"""EDM teachers (ALGORITHM.md Part II s.1, s.3): DDPM++ (SongUNet) and ADM (DhariwalUNet) with EDM preconditioning,
+"""EDM teachers (docs/ALGORITHM.md): DDPM++ (SongUNet) and ADM (DhariwalUNet) with EDM preconditioning,
 built module by module like NVlabs/edm `training/networks.py`, so that `state_dict()` keys and shapes equal those of
-the official pickles (`model.` prefix). Also the preconditioning base and the UNet level layout that EDM2 reuses."""
+the official pickles (`model.` prefix). Also the UNet level layout that EDM2 reuses."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .aux import T_EMBED_MODES
-from .precond import as_batch_sigma, edm_coefficients
+from .precond import Precond
 
 #----------------------------------------------------------------------------
 # Layers. Weights keep the checkpoint's dtype and are cast to the activations' dtype on use. Initialisation is a
@@ -89,7 +88,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q.mT, k.mT, v.mT).mT
 
 #----------------------------------------------------------------------------
-# Residual block of DDPM++ and ADM (Part II s.3 "UNetBlock parameters").
+# Residual block of DDPM++ and ADM (docs/ALGORITHM.md, "Reference facts").
 
 class UNetBlock(nn.Module):
     """GroupNorm-SiLU-Conv, the embedding added (DDPM++) or as scale and shift (ADM, adaptive_scale),
@@ -134,7 +133,7 @@ class UNetBlock(nn.Module):
         return x
 
 #----------------------------------------------------------------------------
-# The level layout shared by DDPM++, ADM and EDM2 (Part II s.2 "UNet", s.3 "Keys").
+# The level layout shared by DDPM++, ADM and EDM2 (docs/ALGORITHM.md, "Reference facts"), s.3 "Keys").
 
 BlockFactory = Callable[..., nn.Module]  # block(cin, cout, flavor 'enc' | 'dec', resample_mode=..., attention=...)
 
@@ -182,13 +181,15 @@ def torch_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, b], dim=1)
 
 #----------------------------------------------------------------------------
-# DDPM++ and ADM. Both map positional noise features through map_layer0/1; an auxiliary (ALGORITHM.md "The three
-# networks") adds the duplicate branch map_layer0_t/1_t fed c_noise(sigma_t), times t_gain (init 0) when gated, to
+# DDPM++ and ADM. Both map positional noise features through map_layer0/1; an auxiliary (docs/ALGORITHM.md,
+# "Networks") adds the duplicate branch map_layer0_t/1_t fed c_noise(sigma_t), times t_gain (init 0) when gated, to
 # the pre-activation embedding: before ADM mixes in its label; DDPM++ mixes its label into the features before
 # map_layer0, so there the branch joins after it. Augmentation labels are zero (no augmentation at distillation), so
 # map_augment (bias-free) adds nothing and is kept only for the checkpoint's sake.
 
 class EDMUNet(nn.Module):
+    T_EMBED_SOURCES = {'map_layer0_t': 'map_layer0', 'map_layer1_t': 'map_layer1'}
+
     def __init__(self, noise_channels: int, emb_channels: int, aux_t_embed: str | None, endpoint: bool = False,
                  sin_first: bool = False) -> None:
         super().__init__()
@@ -213,8 +214,8 @@ class EDMUNet(nn.Module):
         return emb + (emb_t if self.t_gain is None else self.t_gain * emb_t)
 
 class SongUNet(EDMUNet):
-    """DDPM++ as in EDM (Part II s.3): label added to the noise features, standard encoder and decoder, output head
-    dec.{r}x{r}_aux_norm/_aux_conv; GroupNorm eps 1e-6, one attention head, skip scale sqrt(1/2)."""
+    """DDPM++ as in EDM (docs/ALGORITHM.md): label added to the noise features, standard encoder and decoder,
+    output head dec.{r}x{r}_aux_norm/_aux_conv; GroupNorm eps 1e-6, one attention head, skip scale sqrt(1/2)."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, augment_dim: int = 0,
                  model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2), channel_mult_emb: int = 4,
@@ -244,7 +245,7 @@ class SongUNet(EDMUNet):
         return self.dec[f'{self.head}_aux_conv'](F.silu(self.dec[f'{self.head}_aux_norm'](x)))
 
 class DhariwalUNet(EDMUNet):
-    """ADM as in EDM (Part II s.3): label added after map_layer1, adaptive scale and shift, 64 channels per head,
+    """ADM as in EDM (docs/ALGORITHM.md): label added after map_layer1, adaptive scale and shift, 64 channels per head,
     attention in encoder and decoder, output out_norm/out_conv."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, augment_dim: int = 0,
@@ -271,50 +272,10 @@ class DhariwalUNet(EDMUNet):
         return self.out_conv(F.silu(self.out_norm(x)))
 
 #----------------------------------------------------------------------------
-# EDM preconditioning D(x; sigma, c) = c_skip x + c_out F(c_in x; c_noise, c) (Part II s.1), the contract of
-# cosim_dist.nets. F runs in the parameters' dtype; x, sigma, the embeddings' inputs and D stay fp32.
+# The preconditioned EDM teachers (docs/ALGORITHM.md, "Reference facts"), precond.Precond).
 
-class EDMPrecond(nn.Module):
-    UNET: type[nn.Module]
-    UNET_NAME = 'model'
-    has_logvar = False
-    T_EMBED_SOURCES = {'model.map_layer0_t': 'model.map_layer0', 'model.map_layer1_t': 'model.map_layer1'}
-
-    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, sigma_data: float = 0.5,
-                 aux_t_embed: str | None = None, **unet_kwargs) -> None:
-        super().__init__()
-        if aux_t_embed not in (None, *T_EMBED_MODES):
-            raise ValueError(f'aux_t_embed={aux_t_embed!r} is invalid; valid choices: None, {", ".join(T_EMBED_MODES)}')
-        self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                                sigma_data=sigma_data, aux_t_embed=aux_t_embed, **unet_kwargs)
-        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.sigma_data, self.aux_t_embed = sigma_data, aux_t_embed
-        self.add_module(self.UNET_NAME, self.UNET(img_resolution, img_channels, label_dim, aux_t_embed=aux_t_embed,
-                                                  **unet_kwargs))
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
-                sigma_t: torch.Tensor | float | None = None,
-                return_logvar: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if return_logvar and not self.has_logvar:
-            raise ValueError(f'{type(self).__name__} has no logvar head (has_logvar=False)')
-        if (sigma_t is None) != (self.aux_t_embed is None):
-            raise ValueError('sigma_t is required by auxiliary networks (aux_t_embed set) and refused by others')
-        x = x.to(torch.float32)
-        c_skip, c_out, c_in, c_noise = edm_coefficients(as_batch_sigma(sigma, x), self.sigma_data)
-        c_noise_t = None if sigma_t is None else edm_coefficients(as_batch_sigma(sigma_t, x), self.sigma_data)[3].flatten()
-        if not self.label_dim:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = next(self.parameters()).dtype
-        F_x = getattr(self, self.UNET_NAME)((c_in * x).to(dtype), c_noise.flatten(), class_labels, c_noise_t)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        return (D_x, self.logvar(c_noise.flatten())) if return_logvar else D_x   # logvar: EDM2Precond
-
-class SongUNetPrecond(EDMPrecond):
+class SongUNetPrecond(Precond):
     UNET = SongUNet
 
-class DhariwalUNetPrecond(EDMPrecond):
+class DhariwalUNetPrecond(Precond):
     UNET = DhariwalUNet

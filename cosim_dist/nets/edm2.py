@@ -1,4 +1,4 @@
-"""EDM2 teachers (ALGORITHM.md Part II s.2): the magnitude-preserving UNet of Karras et al. 2024 with EDM
+"""EDM2 teachers (docs/ALGORITHM.md, "Reference facts"): the magnitude-preserving UNet of Karras et al. 2024 with EDM
 preconditioning and the logvar head u(sigma), built module by module like NVlabs/edm2 `training/networks_edm2.py`, so
 that `state_dict()` keys and shapes equal those of the official pickles (`unet.`, `logvar_fourier.`, `logvar_linear.`).
 
@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .edm import EDMPrecond, attention, build_levels, resample, run_levels
+from .edm import attention, build_levels, resample, run_levels
+from .precond import Precond
 
 #----------------------------------------------------------------------------
-# Magnitude-preserving primitives (Part II s.2 "Magnitude-preserving primitives"; equation numbers of the EDM2 paper).
+# Magnitude-preserving primitives (docs/ALGORITHM.md, "Reference facts"); equation numbers of the EDM2 paper).
 
 def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
     """x / (eps + ||x|| sqrt(n_norm / n_x)): unit RMS over `dim` (default: all but dim 0, i.e. per output unit)."""
@@ -68,7 +69,7 @@ class MPConv(nn.Module):
         return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
 
 #----------------------------------------------------------------------------
-# Encoder/decoder block (Part II s.2 "Block", EDM2 Figure 21).
+# Encoder/decoder block (docs/ALGORITHM.md, "Reference facts"), EDM2 Figure 21).
 
 class Block(nn.Module):
     def __init__(self, cin: int, cout: int, emb_channels: int, flavor: str = 'enc', resample_mode: str = 'keep',
@@ -110,10 +111,12 @@ class Block(nn.Module):
         return x if self.clip_act is None else x.clip(-self.clip_act, self.clip_act)
 
 #----------------------------------------------------------------------------
-# The UNet (Part II s.2 "UNet"). An auxiliary (ALGORITHM.md "The three networks") adds the duplicate noise embedding
+# The UNet (docs/ALGORITHM.md). An auxiliary (docs/ALGORITHM.md, "Networks") adds the duplicate noise embedding
 # emb_noise_t(emb_fourier_t(c_noise(sigma_t))), times t_gain (init 0) when gated, before the label is mixed in.
 
 class UNet(nn.Module):
+    T_EMBED_SOURCES = {'emb_fourier_t': 'emb_fourier', 'emb_noise_t': 'emb_noise'}
+
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, model_channels: int = 192,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_noise: int | None = None,
                  channel_mult_emb: int | None = None, num_blocks: int = 3, attn_resolutions: Sequence[int] = (16, 8),
@@ -150,13 +153,13 @@ class UNet(nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 #----------------------------------------------------------------------------
-# Preconditioning (same as EDM, Part II s.2) and the uncertainty head u(sigma) (EDM2 Eq. 21, "Uncertainty head").
+# precond.Precond (the same preconditioning as EDM, docs/ALGORITHM.md plus the uncertainty head u(sigma) (EDM2 Eq. 21,
+# "Uncertainty head").
 
-class EDM2Precond(EDMPrecond):
+class EDM2Precond(Precond):
     UNET = UNet
     UNET_NAME = 'unet'
     has_logvar = True
-    T_EMBED_SOURCES = {'unet.emb_fourier_t': 'unet.emb_fourier', 'unet.emb_noise_t': 'unet.emb_noise'}
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, sigma_data: float = 0.5,
                  aux_t_embed: str | None = None, logvar_channels: int = 128, **unet_kwargs) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .precond import as_batch_sigma, edm_coefficients
+from .precond import Precond
 
 #----------------------------------------------------------------------------
 # Building blocks.
@@ -57,6 +57,8 @@ class ResBlock(nn.Module):
 # UNet on a 2x pixel-unshuffled image: levels at res/2, res/4, ... with widths C * channel_mult.
 
 class ToyUNet(nn.Module):
+    T_EMBED_SOURCES = {'map_noise_t': 'map_noise'}
+
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, model_channels: int = 32,
                  channel_mult: tuple[int, ...] = (1, 2), num_blocks: int = 1, dropout: float = 0.0,
                  aux_t_embed: str | None = None) -> None:
@@ -68,13 +70,13 @@ class ToyUNet(nn.Module):
         self.map_label = nn.Linear(label_dim, emb_dim, bias=False) if label_dim else None
         self.conv_in = nn.Conv2d(img_channels * 4, C, 3, padding=1)
         self.enc, self.dec, skips, cin = nn.ModuleList(), nn.ModuleList(), [], C
-        for level, mult in enumerate(channel_mult):
+        for mult in channel_mult:
             for _ in range(num_blocks):
                 self.enc.append(ResBlock(cin, C * mult, emb_dim, dropout))
                 cin = C * mult
                 skips.append(cin)
         self.mid = ResBlock(cin, cin, emb_dim, dropout)
-        for level, mult in reversed(list(enumerate(channel_mult))):
+        for mult in reversed(channel_mult):
             for _ in range(num_blocks):
                 self.dec.append(ResBlock(cin + skips.pop(), C * mult, emb_dim, dropout))
                 cin = C * mult
@@ -89,6 +91,7 @@ class ToyUNet(nn.Module):
             emb_t = self.map_noise_t(c_noise_t)
             emb = emb + (emb_t * self.t_gain if self.t_gain is not None else emb_t)
         if self.map_label is not None:
+            class_labels = class_labels.to(self.map_label.weight.dtype)       # fp32 from Precond; bf16 teacher
             emb = emb + self.map_label(class_labels * math.sqrt(class_labels.shape[1]))
         emb = F.silu(emb)
         h, skips = self.conv_in(F.pixel_unshuffle(x, 2)), []
@@ -105,34 +108,7 @@ class ToyUNet(nn.Module):
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), 2)
 
 #----------------------------------------------------------------------------
-# EDM preconditioning around the UNet: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Part II s.1).
+# EDM preconditioning around the UNet: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (precond.Precond).
 
-class ToyPrecond(nn.Module):
-    has_logvar = False
-    T_EMBED_SOURCES = {'model.map_noise_t': 'model.map_noise'}
-
-    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, sigma_data: float = 0.5,
-                 aux_t_embed: str | None = None, **unet_kwargs) -> None:
-        super().__init__()
-        self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                                sigma_data=sigma_data, aux_t_embed=aux_t_embed, **unet_kwargs)
-        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.sigma_data, self.aux_t_embed = sigma_data, aux_t_embed
-        self.model = ToyUNet(img_resolution, img_channels, label_dim, aux_t_embed=aux_t_embed, **unet_kwargs)
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
-                sigma_t: torch.Tensor | float | None = None, return_logvar: bool = False) -> torch.Tensor:
-        if return_logvar:
-            raise ValueError('ToyPrecond has no logvar head (has_logvar=False)')
-        if (sigma_t is None) != (self.aux_t_embed is None):
-            raise ValueError('sigma_t is required by auxiliary networks (aux_t_embed set) and refused by others')
-        x = x.to(torch.float32)
-        sigma = as_batch_sigma(sigma, x)
-        if class_labels is None:
-            class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
-        c_noise_t = None if sigma_t is None else edm_coefficients(as_batch_sigma(sigma_t, x), self.sigma_data)[3]
-        dtype = self.model.conv_in.weight.dtype          # bf16 for a low-precision teacher, else fp32
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels.to(dtype),
-                         None if c_noise_t is None else c_noise_t.flatten())
-        return c_skip * x + c_out * F_x.to(torch.float32)
+class ToyPrecond(Precond):
+    UNET = ToyUNet

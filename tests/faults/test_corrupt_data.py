@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fault_report import Trial, trials
-from cosim_dist import tasks
+from cosim_dist import build
 from cosim_dist.config import load_config
 from cosim_dist.data import DatasetInfo, ShardEntry, ShardStream, read_manifest, shard_name, write_manifest, write_shard
 from cosim_dist.storage import ObjectStore, open_store
@@ -124,9 +124,9 @@ def test_nan_samples_are_dropped_in_training(pixels, tmp_path, record):
         cfg = load_config([f'run.root={tmp_path}', f'run.name=nan{trial}', 'data.kind=shards', f'data.path={store.url}',
                            'train.kimg=0.128', 'train.batch=16', 'train.checkpoint_kimg=0', 'logging.wandb=disabled',
                            'logging.progress=false', 'model.net.model_channels=16'])
-        tasks.prepare_run_dir(cfg)
+        build.prepare_run_dir(cfg)
         torch.manual_seed(0)
-        trainer = tasks.build_trainer(cfg, tasks.new_network(cfg).eval().requires_grad_(False), torch.device('cpu'))
+        trainer = build.build_trainer(cfg, build.new_network(cfg).eval().requires_grad_(False), torch.device('cpu'))
         state = trainer.train()
         replay = ShardStream(store.url, batch_size=16, seed=cfg.run.seed + 2)
         expected = sum(int((~torch.isfinite(replay.next_batch()[0].flatten(1)).all(1)).sum()) for _ in range(2 * 8))

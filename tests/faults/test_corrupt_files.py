@@ -17,7 +17,7 @@ import torch
 
 import fault_harness as h
 from fault_report import Trial, trials
-from cosim_dist import tasks, teacher_io
+from cosim_dist import build, teacher_io
 from cosim_dist.checkpoint import step_prefix
 from cosim_dist.config import ConfigError, batch_layout, load_config
 
@@ -25,11 +25,11 @@ ARGS = ['train.kimg=0.128', 'train.batch=16', 'train.checkpoint_kimg=0.032', 'lo
         'logging.progress=false', 'model.net.model_channels=16']
 DAMAGE = ('flipped byte', 'truncated file', 'deleted file', 'broken manifest')
 
-def build(root, name: str):
+def make_trainer(root, name: str):
     cfg = load_config([f'run.root={root}', f'run.name={name}', *ARGS])
-    tasks.prepare_run_dir(cfg)
+    build.prepare_run_dir(cfg)
     torch.manual_seed(0)
-    return tasks.build_trainer(cfg, tasks.new_network(cfg).eval().requires_grad_(False), torch.device('cpu'))
+    return build.build_trainer(cfg, build.new_network(cfg).eval().requires_grad_(False), torch.device('cpu'))
 
 def trained(trainer) -> dict:
     return {'g': trainer.g.module.state_dict(), 'aux': trainer.aux.module.state_dict(), 'ema': trainer.ema.state_dict(),
@@ -49,19 +49,19 @@ def damage(store, nimg: int, kind: str, rng: random.Random) -> None:
     store.put_bytes(bytes(data), key)
 
 def test_damaged_newest_checkpoint_falls_back(tmp_path, record):
-    straight = build(tmp_path, 'straight')
+    straight = make_trainer(tmp_path, 'straight')
     straight.train()
     reference = trained(straight)
     rng = random.Random(11)
     for trial in range(trials(2)):
         name, kind = f'damaged-{trial}', DAMAGE[trial % len(DAMAGE)] if trial < len(DAMAGE) else rng.choice(DAMAGE)
-        first, calls = build(tmp_path, name), iter(range(1000))
+        first, calls = make_trainer(tmp_path, name), iter(range(1000))
         stop_after = rng.randint(2, 7)
         first.should_stop = lambda: next(calls) >= stop_after
         first.train()
         steps = first.checkpointer.committed()
         damage(first.checkpointer.store, steps[-1], kind, rng)
-        second = build(tmp_path, name)
+        second = make_trainer(tmp_path, name)
         try:
             second.train()
             diff = h.differences(trained(second), reference)

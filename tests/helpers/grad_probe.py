@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from cosim_dist import distributed, tasks
+from cosim_dist import build, distributed
 from cosim_dist.config import load_config
 
 class _Grabbed(Exception):
@@ -27,9 +27,9 @@ def main(out: str, overrides: list[str]) -> None:
     env = distributed.discover()
     device = distributed.init(env, cfg.run.device, always_group=True)
     if env.rank == 0:
-        tasks.prepare_run_dir(cfg)
+        build.prepare_run_dir(cfg)
     distributed.barrier()
-    teacher = tasks.get_teacher(cfg, device)        # the cached toy teacher (pretrained by the test beforehand)
+    teacher = build.get_teacher(cfg, device)        # the cached toy teacher (pretrained by the test beforehand)
     result, trainer = {}, None
 
     def timer(phase: str):
@@ -38,7 +38,7 @@ def main(out: str, overrides: list[str]) -> None:
             result[phase] = full_grads(net)
             raise _Grabbed(phase)
         return contextlib.nullcontext()
-    trainer = tasks.build_trainer(cfg, teacher, device, env, checkpoints=False, timer=timer)
+    trainer = build.build_trainer(cfg, teacher, device, env, checkpoints=False, timer=timer)
     gen = torch.Generator(device).manual_seed(cfg.run.seed)
     for step in (trainer.aux_step, trainer.generator_step):
         try:

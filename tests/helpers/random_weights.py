@@ -27,7 +27,7 @@ def write_inception(path: pathlib.Path) -> pathlib.Path:
 
 def write_dinov2(path: pathlib.Path) -> pathlib.Path:
     """Our DINOv2 ViT-L/14 (official parameter names) with random weights."""
-    from cosim_dist import extractors
+    from cosim_dist.eval import extractors
     net = kaiming_(extractors.DinoV2())
     torch.nn.init.normal_(net.pos_embed, std=0.02, generator=torch.Generator().manual_seed(1))
     torch.save(net.state_dict(), path)

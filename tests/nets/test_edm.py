@@ -22,7 +22,7 @@ SMALL = {
 }
 
 #----------------------------------------------------------------------------
-# Architecture facts (ALGORITHM.md Part II s.3).
+# Architecture facts (docs/ALGORITHM.md, "Reference facts").
 
 def test_ddpmpp_cifar10_parameters_and_names():
     n, shapes = meta_params('songunet', label_dim=0, **DDPMPP)
@@ -79,7 +79,7 @@ def test_low_precision_parameters(arch):
     torch.testing.assert_close(D, net.float()(x, sigma), atol=0.1, rtol=0)
 
 def test_fused_attention_equals_the_reference_formula():
-    """Both UNet families use the fused kernel; it must equal EDM's fp32 einsum formula (Part II s.3)."""
+    """Both UNet families use the fused kernel; it must equal EDM's fp32 einsum formula (docs/ALGORITHM.md)."""
     from cosim_dist.nets.edm import attention
     q, k, v = torch.randn(3, 2, 16, 64, dtype=torch.float64).unbind(0)          # [N, c, HW]
     w = torch.einsum('ncq,nck->nqk', q, k / math.sqrt(k.shape[1])).softmax(dim=2)

@@ -14,7 +14,7 @@ SMALL = dict(img_resolution=16, img_channels=4, label_dim=10, model_channels=32,
              attn_resolutions=[8])
 
 #----------------------------------------------------------------------------
-# Architecture facts (ALGORITHM.md Part II s.2): ImageNet-512 latents 4x64x64, 1000 classes.
+# Architecture facts (docs/ALGORITHM.md, "Reference facts"): ImageNet-512 latents 4x64x64, 1000 classes.
 
 PRESETS = {  # model_channels -> parameters of edm2-img512-{xxs..xxl}
     64: 31_309_029, 128: 124_713_253, 192: 280_212_837, 256: 497_807_781, 320: 777_498_085, 384: 1_119_283_749,

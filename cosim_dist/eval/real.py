@@ -1,7 +1,7 @@
 """Evaluation of real models (`task=eval` for EDM / EDM2 teachers and their distilled generators): distributed
-per-seed generation, VAE decoding, FID / FD-DINOv2 against reference statistics (ALGORITHM.md Part II s.7).
+per-seed generation, VAE decoding, FID / FD-DINOv2 against reference statistics (docs/ALGORITHM.md, "Reference facts").
 
-- Image i always uses seed i (evaluate.seeded_inputs). The seeds are cut into chunks of `eval.chunk`; chunk j belongs
+- Image i always uses seed i (samplers.seeded_inputs). The seeds are cut into chunks of `eval.chunk`; chunk j belongs
   to rank j % world_size and is generated in batches from its own start, so the images do not depend on the world size.
 - Every rank accumulates float64 sums of f and f f^T per metric (MomentAccumulator) and commits them atomically
   after each chunk (`eval_state/<sampler>-<fingerprint>/rank-R-of-W.pt`, with the chunks done). A preempted
@@ -17,21 +17,22 @@ import hashlib
 import json
 import pathlib
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from . import cosim, distributed
-from .config import Config
+from .. import cosim, distributed
+from ..config import Config
+from ..distributed import DistEnv
+from ..logging import RunLogger, log
+from ..storage import sha256_file, write_atomic
+from ..teacher_io import load_network, local_path
 from .decode import Decoder, make_decoder
-from .distributed import DistEnv
-from .evaluate import (SamplerSpec, cosim_spec, dpm_spec, format_table, frechet_to_reference, generate, heun_spec,
-                       tune_grid, write_results)
 from .features import FeatureMetric, build_metrics, reference_info, reference_stats
-from .logging import RunLogger, log
-from .metrics import MomentAccumulator
-from .storage import sha256_file, write_atomic
-from .teacher_io import load_network, local_path
+from .metrics import MomentAccumulator, frechet_to_reference
+from .results import format_table, write_results
+from .samplers import SamplerSpec, cosim_spec, dpm_spec, generate, heun_spec, tune_grid
+
 
 class Stopped(Exception):
     """Every rank agreed to stop (preemption) at a chunk boundary."""

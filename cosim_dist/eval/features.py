@@ -1,4 +1,4 @@
-"""The feature metrics of an evaluation (ALGORITHM.md Part II s.7, "Metrics implementation"): which extractor, its
+"""The feature metrics of an evaluation (docs/ALGORITHM.md, "Reference facts"): which extractor, its
 weights file and sha256, the name its Frechet distance is reported under, the reference statistics it is compared to.
 
 A distance from Inception features is called 'fid' only with the official weights (extractors.INCEPTION_SHA256);
@@ -8,14 +8,15 @@ with any other file it is 'fd_inception' and `official_weights` is false. Refere
 
 import dataclasses
 import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from ..storage import sha256_file
 from . import extractors
 from .metrics import load_ref
-from .storage import sha256_file
+
 
 @dataclasses.dataclass(frozen=True)
 class ExtractorKind:

@@ -1,4 +1,4 @@
-"""Feature extractors for FID and FD-DINOv2, with weights from local files (ALGORITHM.md Part II s.7,
+"""Feature extractors for FID and FD-DINOv2, with weights from local files (docs/ALGORITHM.md, "Reference facts",
 "Metrics implementation"). Both take uint8 RGB images [N, 3, H, W] and return float32 features.
 
 - Inception-V3 (2048-d pool features): torch-fidelity's TF-compatible extractor with the official

@@ -1,15 +1,14 @@
-"""Evaluation of samplers against ground truth: per-seed generation (image i always uses seed i, so
-results do not depend on batch size), float64 moments and the Frechet distance in pixel space."""
+"""Samplers over per-seed inputs: the teacher's Heun and DPM-Solver++(2M) samplers and CoSIM's Eq. S1 as table rows,
+per-seed generation (image i always uses seed i, so results depend on neither batch size nor world size), pixel-space
+float64 moments across ranks, and the greedy search of Eq. S1 grids."""
 
 import dataclasses
-import json
-import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from . import cosim
-from .metrics import MomentAccumulator, frechet_distance
+from .. import cosim
+from .metrics import MomentAccumulator
 
 Sampler = Callable[[torch.Tensor, torch.Tensor | None, list[torch.Tensor]], torch.Tensor]
 
@@ -79,23 +78,7 @@ def sampler_moments(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], lab
     return acc
 
 #----------------------------------------------------------------------------
-
-def write_results(rows: list[dict], path: pathlib.Path) -> None:
-    """eval.json: one entry per sampler (name, NFE and its distances)."""
-    path.write_text(json.dumps(rows, indent=2) + '\n')
-
-def format_table(rows: list[dict], columns: dict[str, str] | None = None) -> str:
-    """One line per row: sampler name, NFE and each column (row key -> header; default the Frechet distance)."""
-    columns = columns or {'frechet_distance': 'Frechet distance'}
-    width = max(len(r['name']) for r in rows)
-    head = ''.join(f'  {h:>16}' for h in columns.values())
-    lines = [f'{"sampler":<{width}}  {"NFE":>4}{head}', '-' * (width + 6 + 18 * len(columns))]
-    lines += [f'{r["name"]:<{width}}  {r["nfe"]:>4}' + ''.join(f'  {r[k]:>16.4f}' for k in columns) for r in rows]
-    return '\n'.join(lines)
-
-def frechet_to_reference(acc: MomentAccumulator, ref_mu, ref_sigma) -> float:
-    mu, sigma = acc.moments()
-    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+# Eq. S1 grids: greedy search of the interior points.
 
 def tune_grid(grid: list[float], score: Callable[[list[float]], float],
               factors: tuple[float, ...] = (0.5, 0.7, 1.4, 2.0)) -> tuple[list[float], float]:

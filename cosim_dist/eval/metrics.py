@@ -1,4 +1,4 @@
-"""Feature statistics and the Frechet distance (ALGORITHM.md Part II s.7, "Metrics implementation")."""
+"""Feature statistics and the Frechet distance (docs/ALGORITHM.md, "Reference facts")."""
 
 import io
 import pathlib
@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import torch
+
 
 class MomentAccumulator:
     """Running float64 sums of f and f f^T; mean and unbiased (N - 1) covariance at the end."""
@@ -57,6 +58,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     m = r @ s2 @ r
     cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+def frechet_to_reference(acc: MomentAccumulator, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
+    """The Frechet distance of the accumulated moments to reference moments."""
+    mu, sigma = acc.moments()
+    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 #----------------------------------------------------------------------------
 # Reference statistics files: EDM2's pickle {'fid': {'mu', 'sigma'}, 'fd_dinov2': {...}} (written and read) and

@@ -1,4 +1,4 @@
-"""Network outputs -> uint8 RGB images [N, 3, H, W] (ALGORITHM.md Part II s.2 "Latent space").
+"""Network outputs -> uint8 RGB images [N, 3, H, W] (docs/ALGORITHM.md, "Reference facts").
 
 - Pixel models (3 channels): x in [-1, 1] -> x * 127.5 + 128, clipped, uint8 (EDM / EDM2 `StandardRGBEncoder`).
 - Latent models (EDM2, 4 channels): undo the per-channel scale and bias, z_raw = (z - bias) / scale with
@@ -8,11 +8,11 @@
 
 import os
 import pathlib
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
-from .data import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
+from ..latents import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
