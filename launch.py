@@ -9,7 +9,6 @@ import sys
 
 from cosim_dist.config import ConfigError, batch_layout, load_config, to_yaml
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dry-run', action='store_true', help='print the resolved config and exit')

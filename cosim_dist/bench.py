@@ -19,7 +19,6 @@ from .config import Config, batch_layout
 from .distributed import DistEnv
 from .logging import log
 
-
 class SyntheticStream:
     """A BatchStream of fixed random images (N(0, sigma_data^2)) and uniform one-hot labels."""
 

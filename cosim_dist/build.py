@@ -16,7 +16,7 @@ from .logging import RunLogger, log
 from .nets import TRAINING_KWARGS, build_network, weight_constraint
 from .nets.aux import make_auxiliary
 from .pretrain import pretrain_teacher
-from .storage import StorageConfig
+from .storage import StorageConfig, missing_local
 from .teacher_io import arch_name, load_network, load_snapshot, save_snapshot
 from .toy import GMMStream, GMMWorld
 from .trainer import Trainer
@@ -95,8 +95,7 @@ def toy_teacher_path(cfg: Config) -> pathlib.Path:
 
 def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> torch.nn.Module:
     if cfg.model.teacher is not None:
-        local = cfg.model.teacher.removeprefix('file://')
-        if '://' not in local and not pathlib.Path(local).is_file():
+        if missing_local(cfg.model.teacher):
             raise ConfigError(f'teacher checkpoint model.teacher={cfg.model.teacher} does not exist: download the '
                               f'official .pkl and pass its path (or an s3:// URL) as model.teacher=...')
         return load_network(cfg.model.teacher).to(device)

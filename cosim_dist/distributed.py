@@ -65,13 +65,17 @@ def discover(env: Mapping[str, str] = os.environ) -> DistEnv:
 
 #----------------------------------------------------------------------------
 
-def init(env: DistEnv, device: str = 'auto', always_group: bool = False, timeout_s: float = 1800) -> torch.device:
-    """Join the process group (gloo on CPU, nccl on GPU; also for one process if `always_group`, as DeepSpeed
-    needs one) and return this rank's device (`run.device`)."""
+def pick_device(device: str = 'auto', index: int = 0) -> torch.device:
+    """`auto` | `cpu` | `cuda` (`run.device`) -> this process's device: GPU `index` modulo the visible GPUs."""
     use_cuda = torch.cuda.is_available() if device == 'auto' else device == 'cuda'
     if use_cuda and not torch.cuda.is_available():
         raise ValueError('run.device=cuda but no CUDA device is visible; use run.device=cpu or auto')
-    dev = torch.device('cuda', env.local_rank % torch.cuda.device_count()) if use_cuda else torch.device('cpu')
+    return torch.device('cuda', index % torch.cuda.device_count()) if use_cuda else torch.device('cpu')
+
+def init(env: DistEnv, device: str = 'auto', always_group: bool = False, timeout_s: float = 1800) -> torch.device:
+    """Join the process group (gloo on CPU, nccl on GPU; also for one process if `always_group`, as DeepSpeed
+    needs one) and return this rank's device (`run.device`)."""
+    dev = pick_device(device, env.local_rank)
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
     if (env.world_size > 1 or always_group) and not torch.distributed.is_initialized():

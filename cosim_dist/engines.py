@@ -17,7 +17,6 @@ import torch
 from .config import EngineConfig, TeacherConfig
 from .nets import WeightConstraint, checkpoint_blocks
 
-
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for forward passes, or nothing for fp32."""
     if precision == 'fp32':

@@ -13,7 +13,6 @@ from .nets.precond import edm_loss_weight
 from .seeds import step_seed
 from .trainer import BatchStream
 
-
 def dsm_loss(net: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, cfg: PretrainConfig,
              sigma_data: float, gen: torch.Generator) -> torch.Tensor:
     """EDM denoising score matching loss (docs/ALGORITHM.md), summed over pixels, mean over the batch."""

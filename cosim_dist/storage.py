@@ -64,16 +64,27 @@ class ObjectStore(Protocol):
     def list(self, prefix: str = '') -> list[str]: ...                      # sorted keys starting with prefix
     def delete(self, key: str) -> None: ...                                 # no error if missing
 
-def open_store(url: str | os.PathLike, cfg: StorageConfig | None = None) -> ObjectStore:
-    """The store rooted at `url`: a local path, `file:///abs/path` or `s3://bucket[/prefix]`."""
+#----------------------------------------------------------------------------
+# URLs: a local path, file:///abs/path or s3://bucket/key (the only place that parses them).
+
+def parse_url(url: str | os.PathLike) -> tuple[str, str]:
+    """('s3', 'bucket/key') or ('file', local path); any other scheme is an error naming the accepted forms."""
     url = os.fspath(url)
     if url.startswith('s3://'):
-        return S3Store(url, cfg or StorageConfig())
-    if url.startswith('file://'):
-        return LocalStore(url.removeprefix('file://'))
-    if '://' in url:
+        return 's3', url.removeprefix('s3://')
+    if '://' in url and not url.startswith('file://'):
         raise ValueError(f'{url!r}: unsupported URL scheme; use a local path, file:///abs/path or s3://bucket/prefix')
-    return LocalStore(url)
+    return 'file', url.removeprefix('file://')
+
+def missing_local(url: str | os.PathLike) -> bool:
+    """Whether `url` names a local path that does not exist (objects in a store are checked when they are read)."""
+    scheme, rest = parse_url(url)
+    return scheme == 'file' and not pathlib.Path(rest).expanduser().exists()
+
+def open_store(url: str | os.PathLike, cfg: StorageConfig | None = None) -> ObjectStore:
+    """The store rooted at `url`: a local path, `file:///abs/path` or `s3://bucket[/prefix]`."""
+    scheme, rest = parse_url(url)
+    return S3Store(os.fspath(url), cfg or StorageConfig()) if scheme == 's3' else LocalStore(rest)
 
 def write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
     """Create `path` by writing a hidden temporary next to it and renaming it into place."""
@@ -145,7 +156,7 @@ def _is_missing(err: Exception) -> bool:
 
 class S3Store:
     def __init__(self, url: str, cfg: StorageConfig) -> None:
-        bucket, _, prefix = url.removeprefix('s3://').partition('/')
+        bucket, _, prefix = parse_url(url)[1].partition('/')
         if not bucket:
             raise ValueError(f'{url!r}: an S3 URL needs a bucket, e.g. s3://bucket/prefix')
         self.bucket, self.prefix, self.cfg = bucket, prefix.strip('/'), cfg
@@ -254,13 +265,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 def fetch_to_local(url: str | os.PathLike, cfg: StorageConfig | None = None) -> pathlib.Path:
     """A local path holding the file at `url`. Local paths are returned as they are; `s3://` objects are downloaded
     once into the cache (`cfg.cache_dir`) and downloaded again only when the remote ETag or size changes."""
-    url, cfg = os.fspath(url), cfg or StorageConfig()
-    if not url.startswith('s3://'):
-        path = pathlib.Path(url.removeprefix('file://')).expanduser()
+    (scheme, rest), cfg = parse_url(url), cfg or StorageConfig()
+    if scheme == 'file':
+        path = pathlib.Path(rest).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f'{url} does not exist')
+            raise FileNotFoundError(f'{os.fspath(url)} does not exist')
         return path
-    bucket, _, key = url.removeprefix('s3://').partition('/')
+    bucket, _, key = rest.partition('/')
     store = S3Store(f's3://{bucket}', cfg)
     head = store.head(key)
     cache = pathlib.Path(cfg.cache_dir or os.environ.get('COSIM_CACHE') or '~/.cache/cosim_dist').expanduser()

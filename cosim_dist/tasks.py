@@ -1,7 +1,6 @@
 """Tasks behind `launch.py`: pretrain (toy teacher), train (CoSIM distillation), eval, bench, and the embedded
 default pipeline (teacher -> distil -> evaluate). Dispatch only: the components come from build.py."""
 
-import pathlib
 import time
 
 from . import distributed
@@ -13,8 +12,8 @@ from .eval.real import evaluate_features
 from .eval.results import format_table
 from .eval.toy import evaluate_toy
 from .logging import log
+from .storage import missing_local
 from .teacher_io import load_snapshot
-
 
 def feature_evaluation(cfg: Config) -> bool:
     """Real models (an official teacher, a non-toy network or real data) are evaluated with FID / FD-DINOv2
@@ -28,7 +27,7 @@ def check_eval_inputs(cfg: Config) -> None:
     if cfg.model.latent_raw_mean is not None:
         needed['eval.vae'] = e.vae
     missing = [f'{k}={v}' for k, v in needed.items()
-               if v is None or ('://' not in v and not pathlib.Path(v.removeprefix('file://')).exists())]
+               if v is None or missing_local(v)]
     if missing:
         raise ConfigError(f'task=default evaluates after training, but these inputs are missing: {", ".join(missing)}; '
                           f'set them (README, "Evaluating real models") or run task=train now and task=eval later')

@@ -124,12 +124,10 @@ def record_state_dict(record: PersistentRecord | ContainerRecord, prefix: str = 
 # Locating files: local paths, file:// and s3:// URLs.
 
 def local_path(path_or_url: str | os.PathLike) -> pathlib.Path:
-    url = os.fspath(path_or_url)
-    if url.startswith('s3://'):
-        return storage.fetch_to_local(url)
-    if '://' in url and not url.startswith('file://'):
-        raise ValueError(f'{url}: unsupported URL scheme; use a local path, file:// or s3://')
-    path = pathlib.Path(url.removeprefix('file://')).expanduser()
+    scheme, rest = storage.parse_url(path_or_url)
+    if scheme == 's3':
+        return storage.fetch_to_local(path_or_url)
+    path = pathlib.Path(rest).expanduser()
     if not path.exists():
         raise FileNotFoundError(f'network file {path} does not exist: download the official .pkl (or copy the '
                                 f'snapshot) there, or pass its correct local path, file:// or s3:// URL')

@@ -22,7 +22,6 @@ from .engines import autocast
 from .logging import RunLogger, log
 from .seeds import step_seed
 
-
 class BatchStream(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
     def state_dict(self) -> dict: ...

@@ -37,6 +37,7 @@ from cosim_dist.data import (
     write_manifest,
     write_shard,
 )
+from cosim_dist.distributed import pick_device
 from cosim_dist.eval.decode import load_vae
 from cosim_dist.latents import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
 from cosim_dist.storage import ObjectStore, StorageConfig, open_store
@@ -107,8 +108,7 @@ def finalize(out: ObjectStore, info: DatasetInfo, names: list[str]) -> bool:
 # Encoding.
 
 def _load_vae(path: str, task: int) -> tuple[torch.nn.Module, torch.device]:
-    gpus = torch.cuda.device_count()
-    device = torch.device(f'cuda:{task % gpus}' if gpus else 'cpu')
+    device = pick_device('auto', task)
     return load_vae(path, device), device
 
 @torch.no_grad()

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cosim_dist.distributed import pick_device
 from cosim_dist.eval import extractors
 from cosim_dist.eval.metrics import MomentAccumulator, save_ref
 from cosim_dist.storage import sha256_file
-
 
 def folder_batches(root: pathlib.Path, resolution: int, batch: int, limit: int | None) -> Iterator[torch.Tensor]:
     from PIL import Image
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if not nets:
         print('error: give --inception-weights and/or --dinov2-weights', file=sys.stderr)
         return 2
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = pick_device()
     accs = {k: MomentAccumulator(2048 if k == 'fid' else 1024) for k in nets}
     source = pathlib.Path(args.data)
     batches = folder_batches(source, args.resolution, args.batch, args.max_images) if source.is_dir() and not \

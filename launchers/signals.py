@@ -5,7 +5,6 @@ import signal
 
 from cosim_dist.logging import log
 
-
 class StopFlag:
     """Callable flag set by any of `signals` (USR2: Slurm preemption / time limit; TERM: a local stop)."""
 

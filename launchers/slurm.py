@@ -10,7 +10,6 @@ import sys
 
 from cosim_dist.config import Config, load_config
 
-
 @dataclasses.dataclass
 class SlurmOptions:
     nodes: int = 1                   # nodes

@@ -105,10 +105,10 @@ def test_model_configs_build_the_published_architectures(name):
     assert D.shape == x.shape and (device == 'meta' or D.isfinite().all())
 
 def test_model_configs_carry_table5_and_latent_constants():
-    s, m, l = (load_config([f'model=edm2-{k}', 'data.path=x']) for k in 'sml')
-    assert (s.schedule.ratio, m.schedule.ratio, l.schedule.ratio) == (8, 4, 4)
-    assert (s.model.net['dropout'], m.model.net['dropout'], l.model.net['dropout']) == (0, 0.1, 0.1)
-    assert (s.train.kimg, l.train.kimg) == (200_000, 20_000) and s.train.beta2 == 0.99 and s.train.batch_gpu == 32
+    s, m, large = (load_config([f'model=edm2-{k}', 'data.path=x']) for k in 'sml')
+    assert (s.schedule.ratio, m.schedule.ratio, large.schedule.ratio) == (8, 4, 4)
+    assert (s.model.net['dropout'], m.model.net['dropout'], large.model.net['dropout']) == (0, 0.1, 0.1)
+    assert (s.train.kimg, large.train.kimg) == (200_000, 20_000) and s.train.beta2 == 0.99 and s.train.batch_gpu == 32
     assert s.model.latent_raw_mean == [5.81, 3.25, 0.12, -2.15] and s.model.latent_raw_std == [4.17, 4.62, 3.71, 3.28]
     cifar = load_config(['model=edm-cifar10-cond', 'data.path=x'])
     assert cifar.model.label_dim == 10 and cifar.model.net['dropout'] == 0 and cifar.train.beta2 == 0.999

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cosim_dist.latents import latent_scale_bias
 from cosim_dist.eval.decode import LatentDecoder, load_vae, make_decoder, pixels_to_uint8
+from cosim_dist.latents import latent_scale_bias
 
 def test_pixels_map_like_edm():
     x = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0]).reshape(1, 1, 2, 3)

@@ -54,4 +54,6 @@ def test_dpm_solver_converges_on_gaussian_data():
     S0 = 0.5
     den = lambda x, sigma, c: S0 ** 2 / (S0 ** 2 + cosim._bcast(torch.as_tensor(sigma)) ** 2) * x
     z = torch.randn(20000, 4, 1, 1, generator=torch.Generator().manual_seed(0))
-    assert cosim.dpm_solver_2m_sample(den, z, None, 64).std() == pytest.approx(S0 * z.std(), rel=0.01)
+    # No Monte-Carlo error: the sampler is linear, x = g z, so std(x) / std(z) = g exactly; rel bounds the discretisation
+    # error of 64 second-order steps (0.38%; first order, i.e. without the 2M correction, is off by 4.4%).
+    assert float(cosim.dpm_solver_2m_sample(den, z, None, 64).std()) == pytest.approx(S0 * float(z.std()), rel=0.01)

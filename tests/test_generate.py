@@ -14,8 +14,8 @@ import torch
 
 from cosim_dist import tasks
 from cosim_dist.config import CONFIG_DIR, load_config
-from cosim_dist.eval.real import rank_chunks, seed_chunks
 from cosim_dist.eval.metrics import save_ref
+from cosim_dist.eval.real import rank_chunks, seed_chunks
 from cosim_dist.nets import build_network
 from cosim_dist.storage import sha256_file
 from cosim_dist.teacher_io import save_snapshot
@@ -160,6 +160,6 @@ def test_launch_reports_a_missing_reference_in_one_line(tmp_path, nets, inceptio
     args = eval_args(tmp_path, 'm', nets['g1'], str(tmp_path / 'refs' / 'img512.pkl'), inception_weights)
     out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), *args], capture_output=True, text=True)
     assert out.returncode == 2 and 'Traceback' not in out.stderr
-    assert [l for l in out.stderr.splitlines() if l.startswith('error:')] == [
+    assert [line for line in out.stderr.splitlines() if line.startswith('error:')] == [
         f'error: reference statistics {tmp_path}/refs/img512.pkl do not exist: compute them with data_tools/ref_stats.py '
         f'or download EDM2\'s dataset-refs/img512.pkl']

@@ -76,7 +76,7 @@ def test_s3_multipart_and_pickling(s3_env, tmp_path):
     store.put_file(tmp_path / 'big', 'big')
     assert store.head('big')['ETag'].strip('"').endswith('-3') # three parts of 5 MiB
     assert store.read('big') == data
-    store.client # a live client must not travel with the store
+    assert store.client is not None              # a live client must not travel with the store
     clone = pickle.loads(pickle.dumps(store))
     assert isinstance(clone, S3Store) and clone._client is None and clone.read('big')[:10] == data[:10]
 

@@ -8,8 +8,8 @@ import torch
 
 from cosim_dist import build, tasks
 from cosim_dist.config import ConfigError, load_config
-from cosim_dist.latents import latent_scale_bias
 from cosim_dist.data import DatasetInfo, shard_name, write_manifest, write_shard
+from cosim_dist.latents import latent_scale_bias
 from cosim_dist.nets import build_network
 from cosim_dist.storage import open_store
 from cosim_dist.teacher_io import load_snapshot, save_snapshot

@@ -17,7 +17,6 @@ from ..storage import sha256_file
 from . import extractors
 from .metrics import load_ref
 
-
 @dataclasses.dataclass(frozen=True)
 class ExtractorKind:
     ref_key: str                                        # key in EDM2 reference files

@@ -7,7 +7,6 @@ import pickle
 import numpy as np
 import torch
 
-
 class MomentAccumulator:
     """Running float64 sums of f and f f^T; mean and unbiased (N - 1) covariance at the end."""
 

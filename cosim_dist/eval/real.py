@@ -25,14 +25,13 @@ from .. import cosim, distributed
 from ..config import Config
 from ..distributed import DistEnv
 from ..logging import RunLogger, log
-from ..storage import sha256_file, write_atomic
+from ..storage import missing_local, sha256_file, write_atomic
 from ..teacher_io import load_network, local_path
 from .decode import Decoder, make_decoder
 from .features import FeatureMetric, build_metrics, reference_info, reference_stats
 from .metrics import MomentAccumulator, frechet_to_reference
 from .results import format_table, write_results
 from .samplers import SamplerSpec, cosim_spec, dpm_spec, generate, heun_spec, tune_grid
-
 
 class Stopped(Exception):
     """Every rank agreed to stop (preemption) at a chunk boundary."""
@@ -54,7 +53,7 @@ def network_info(path_or_url: str) -> dict:
 
 def generator_path(cfg: Config) -> str:
     path = cfg.eval.generator or str(cfg.run_dir / 'generator.pt')
-    if '://' not in path and not pathlib.Path(path).exists():
+    if missing_local(path):
         raise FileNotFoundError(f'generator file {path} does not exist: distil first (task=train writes '
                                 f'<run dir>/generator.pt) or pass a snapshot / export as eval.generator=PATH')
     return path

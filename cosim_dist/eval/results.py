@@ -3,7 +3,6 @@
 import json
 import pathlib
 
-
 def write_results(rows: list[dict], path: pathlib.Path) -> None:
     """eval.json: one entry per sampler (name, NFE and its distances)."""
     path.write_text(json.dumps(rows, indent=2) + '\n')

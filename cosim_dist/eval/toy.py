@@ -13,7 +13,6 @@ from .metrics import MomentAccumulator, frechet_to_reference
 from .results import write_results
 from .samplers import cosim_spec, dpm_spec, heun_spec, sampler_moments, seeded_inputs, tune_grid
 
-
 def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, device: torch.device,
                  env: DistEnv = DistEnv()) -> list[dict]:
     """Collective: every rank generates its share of the seeds; rank 0 writes eval.json and samples.png.

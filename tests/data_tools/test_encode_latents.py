@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cosim_dist.latents import latent_scale_bias
 from cosim_dist.data import ShardStream, load_shard, read_manifest, verify_manifest
+from cosim_dist.latents import latent_scale_bias
 from cosim_dist.storage import open_store
 from data_tools.encode_latents import EncodeConfig, main, run_task
 from data_tools.make_shards import main as make_shards

@@ -7,9 +7,9 @@ import PIL.Image
 import pytest
 import torch
 
+from cosim_dist.config import GMMConfig
 from cosim_dist.data import ShardStream, load_shard, read_manifest, verify_manifest
 from cosim_dist.storage import open_store
-from cosim_dist.config import GMMConfig
 from cosim_dist.toy import GMMWorld
 from data_tools.make_shards import adm_center_crop, main, write_gmm_shards
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from cosim_dist.eval import extractors
-from cosim_dist.storage import sha256_file
 from cosim_dist.eval.metrics import frechet_distance, load_ref, save_ref
+from cosim_dist.storage import sha256_file
 from data_tools import ref_stats
 
 def test_ref_stats_of_an_image_folder(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))      # fault_*.py helpers (tests/ is not a package)
 
-import fault_harness as h                                   # noqa: E402
-from fault_report import Trial, append, table               # noqa: E402
+import fault_harness as h  # noqa: E402
+from fault_report import Trial, append, table  # noqa: E402
 
 RECORDS: list[Trial] = []
 

@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from fault_report import Trial, trials
+
 from cosim_dist import build
 from cosim_dist.config import load_config
 from cosim_dist.data import DatasetInfo, ShardEntry, ShardStream, read_manifest, shard_name, write_manifest, write_shard

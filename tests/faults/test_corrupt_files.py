@@ -12,11 +12,11 @@ import shutil
 import subprocess
 import sys
 
+import fault_harness as h
 import pytest
 import torch
-
-import fault_harness as h
 from fault_report import Trial, trials
+
 from cosim_dist import build, teacher_io
 from cosim_dist.checkpoint import step_prefix
 from cosim_dist.config import ConfigError, batch_layout, load_config

@@ -11,10 +11,10 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 
-import pytest
-
 import fault_harness as h
+import pytest
 from fault_report import Trial, trials
+
 from cosim_dist.checkpoint import step_prefix
 from cosim_dist.storage import open_store
 

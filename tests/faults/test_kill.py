@@ -6,10 +6,10 @@ uninterrupted one."""
 import random
 import signal
 
-import pytest
-
 import fault_harness as h
+import pytest
 from fault_report import Trial, trials
+
 from cosim_dist.storage import open_store
 
 pytestmark = pytest.mark.slow

@@ -7,11 +7,11 @@ import random
 import signal
 import uuid
 
-import pytest
-
 import fault_harness as h
+import pytest
 from fault_proxy import FaultPlan, FaultProxy
 from fault_report import Trial, trials
+
 from cosim_dist.checkpoint import CheckpointManager, step_prefix
 from cosim_dist.storage import StorageConfig, open_store
 

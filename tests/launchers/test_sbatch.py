@@ -1,7 +1,6 @@
 """slurm/train.sbatch without submitit on the real single-node Slurm: USR2 to the job's tasks makes the ranks save
 and exit with code 3, the script requeues the job, and the rerun resumes and finishes."""
 
-import pathlib
 import subprocess
 import time
 

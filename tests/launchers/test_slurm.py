@@ -55,7 +55,7 @@ def test_preempted_slurm_run_requeues_and_matches_local_run(slurm_cluster, tmp_p
     log = (job.stdout() or '') + (job.stderr() or '')
     for line in ('received SIGUSR2', 'checkpoint committed', f'requeueing job {job.job_id}', 'resumed at'):
         assert line in log, f'{line!r} missing from the job log:\n{log[-4000:]}'
-    print('\n'.join(l for l in log.splitlines() if any(s in l for s in ('SIGUSR2', 'committed', 'requeue', 'resumed', 'done in'))))
+    print('\n'.join(line for line in log.splitlines() if any(s in line for s in ('SIGUSR2', 'committed', 'requeue', 'resumed', 'done in'))))
     print(f'slurm run with one preemption finished {time.monotonic() - t0:.0f} s after submission')
     a = torch.load(tmp_path / 'local' / 'generator.pt', weights_only=True)['state_dict']
     b = torch.load(run_dir / 'generator.pt', weights_only=True)['state_dict']
