@@ -75,7 +75,8 @@ def test_generator_weight_is_stop_gradient_normaliser():
     assert float(terms.abs().sum() / terms.sum().abs()) < 2                 # condition number of the sum (1.1 here)
     # fp32 rounding: <= 75 roundings (u32 = 6e-8) on the longest path (5 elementwise, the 32-term weight and per-sample
     # sums, the 5-term mean) relative to sum |terms|, times the condition number < 2: 9e-6, so rel=1e-5 (was 1e-6).
-    assert float(cosim.generator_loss(target, D_phi, D_psi, 1.2, gen_scale=7.0)) == pytest.approx(float(terms.sum(1).mean()), rel=1e-5)
+    loss = float(cosim.generator_loss(target, D_phi, D_psi, 1.2, gen_scale=7.0))
+    assert loss == pytest.approx(float(terms.sum(1).mean()), rel=1e-5)
     # float64: (1 + 1.4) / 2 rounds once (u64 = 1.1e-16).
     assert cosim.generator_alpha(1.0) == 1.0 and cosim.generator_alpha(1.4) == pytest.approx(1.2, rel=1e-15)
     assert cosim.generator_alpha(1.0, alpha=1.2) == 1.2
@@ -158,8 +159,8 @@ def test_cosim_sampler_uses_grid_and_noise():
 def test_heun_sampler_on_gaussian_reaches_data_variance():
     z = torch.randn(20_000, D, 1, 1, generator=torch.Generator().manual_seed(0))
     x = cosim.heun_sample(teacher, z, None, num_steps=64)    # the ODE maps N(0, 80^2) to N(0, S0^2) exactly
-    # No Monte-Carlo error: the sampler is linear, x = g z, so std(x) / std(z) = g exactly; rel bounds the discretisation
-    # error of 64 second-order steps (0.36%; a first-order sampler is off by 4.4%).
+    # No Monte-Carlo error: the sampler is linear, x = g z, so std(x) / std(z) = g exactly; rel bounds the
+    # discretisation error of 64 second-order steps (0.36%; a first-order sampler is off by 4.4%).
     assert x.std().item() == pytest.approx(S0 * z.std().item(), rel=0.005)
 
 def test_ema_half_life():

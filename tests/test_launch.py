@@ -24,7 +24,8 @@ def test_small_run_improves_on_initialisation(tmp_path):
     run_dir = tmp_path / 'e2e'
     rows = {r['name']: r for r in json.loads((run_dir / 'eval.json').read_text())}
     assert {'teacher Heun (N=8)', 'teacher DPM-Solver++(2M) (N=4)', 'CoSIM K=1', 'CoSIM K=2', 'CoSIM K=4'} <= set(rows)
-    assert rows['CoSIM K=2']['grid'] == pytest.approx([80.0, 2.5152], abs=1e-3)
+    # the default grid, printed to 5 digits: half a unit in the last digit (was abs=1e-3)
+    assert rows['CoSIM K=2']['grid'] == pytest.approx([80.0, 2.5152], abs=5e-5)
     assert rows['CoSIM K=4']['nfe'] == 4 and rows['teacher Heun (N=8)']['nfe'] == 15
     assert 'CoSIM K=4' in out.stdout                                                  # the printed table
     for name in ('samples.png', 'config.yaml', 'generator.pt', 'train.jsonl', 'pretrain.jsonl'):

@@ -20,8 +20,8 @@ def test_closed_form_denoiser_matches_monte_carlo_posterior_mean():
         assert 1 / (w ** 2).sum() > 1000                                         # enough effective samples
         mc = (w[:, None] * pool).sum(0)
         se = ((w[:, None] * (pool - mc)) ** 2).sum(0).sqrt()                   # delta-method SE of the weighted mean
-        # Monte-Carlo error: each pixel within 6 standard errors (was max error < 0.01, 9 SE of the worst pixel), so that
-        # a union bound over the 768 pixels of 3 draws keeps a false failure below 1e-5.
+        # Monte-Carlo error: each pixel within 6 standard errors (was max error < 0.01, 9 SE of the worst pixel), so
+        # that a union bound over the 768 pixels of 3 draws keeps a false failure below 1e-5.
         z = ((mc - exact[i].flatten().double()).abs() / se).max().item()
         assert z < 6, z
         assert (exact[i] - x[i]).abs().mean() > 0.1          # the denoiser did something: the noise alone averages 0.48
@@ -35,9 +35,9 @@ def test_denoiser_limits():
     torch.testing.assert_close(world.denoise(x0, 1e-4, labels), x0, atol=1e-5, rtol=0)
     far = world.denoise(x0 * 0 + 1e4 * torch.randn(x0.shape, generator=gen), 1e4, labels)
     class_means = world.mu.reshape(world.cfg.classes, world.cfg.components, -1).mean(1)
-    # first order in 1 / sigma: (x - mu_c) . (mu_k - mu_c) / sigma^2 ~ N(0, (|mu_k - mu_c| / sigma)^2) tilts the component
-    # weights by 5e-4 per standard deviation (|mu_k - mu_c| <= 5.2), which moves the mean by that x max |mu_k - mu_c|
-    # (0.73): 5 standard deviations of the draw give 2e-3 (was 1e-3)
+    # first order in 1 / sigma: (x - mu_c) . (mu_k - mu_c) / sigma^2 ~ N(0, (|mu_k - mu_c| / sigma)^2) tilts the
+    # component weights by 5e-4 per standard deviation (|mu_k - mu_c| <= 5.2), which moves the mean by that x
+    # max |mu_k - mu_c| (0.73): 5 standard deviations of the draw give 2e-3 (was 1e-3)
     torch.testing.assert_close(far.flatten(1).double(), class_means[labels], atol=2e-3, rtol=0)
 
 def test_exact_moments_match_samples():

@@ -77,8 +77,10 @@ def test_killed_task_rerun_completes_without_redoing(tmp_path, tiny_vae, pixels)
     with torch.no_grad():
         dist = vae.encode(torch.from_numpy(np.stack([s['x.npy'] for s in x])).float() / 255).latent_dist
     assert [s['__key__'] for s in x] == [s['__key__'] for s in z] and [s['cls'] for s in x] == [s['cls'] for s in z]
-    torch.testing.assert_close(torch.from_numpy(np.stack([s['mean.npy'] for s in z])), dist.mean, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(np.stack([s['std.npy'] for s in z])), dist.std, rtol=1e-4, atol=1e-5)
+    # fp32 encoder with another batch size: every conv sum reassociated, ~u32 sqrt(fan-in) = 1e-6 relative per layer
+    # over the tiny VAE's ~10 layers, on values <= 1.7: atol=1e-5 (measured 5e-7; rtol=1e-4 dropped, no rounding bound)
+    torch.testing.assert_close(torch.from_numpy(np.stack([s['mean.npy'] for s in z])), dist.mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(np.stack([s['std.npy'] for s in z])), dist.std, rtol=0, atol=1e-5)
 
     # A further run finds everything done, and the loader serves the latents.
     cfg = EncodeConfig(source=pixels, out=str(out), vae=tiny_vae, tasks=2)

@@ -25,6 +25,11 @@ def random_teacher(arch: str) -> torch.nn.Module:
             p.normal_(0, 0.3)
     return net
 
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||. Two networks differ when this is > 1e-4: 200x the fp32 rounding of one network's output
+    (sqrt(64 layers) u32 = 5e-7), 1/80 of the smallest difference measured here (8e-3)."""
+    return float((a - b).detach().norm() / b.detach().norm())
+
 def inputs(net: torch.nn.Module) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, net.img_channels, 16, 16, generator=gen)
@@ -43,7 +48,7 @@ def test_gated_auxiliary_equals_teacher_at_init(arch):
     assert len(gains) == 1 and aux.get_parameter(gains[0]).item() == 0
     with torch.no_grad():
         aux.get_parameter(gains[0]).fill_(1)                 # once the gate opens, sigma_t matters
-    assert not torch.allclose(aux(x, s, c, sigma_t=t), aux(x, s, c, sigma_t=2 * t))
+    assert relative_change(aux(x, s, c, sigma_t=t), aux(x, s, c, sigma_t=2 * t)) > 1e-4
     with pytest.raises(ValueError, match='sigma_t'):
         aux(x, s, c)
 
@@ -58,5 +63,5 @@ def test_sum_auxiliary_copies_teacher_embedding(arch):
         copied = [k for k in state if k.startswith(dst + '.')]
         assert copied and all(torch.equal(state[k], teacher_state[src + k[len(dst):]]) for k in copied)
     x, s, t, c = inputs(teacher)
-    assert not torch.allclose(aux(x, s, c, sigma_t=t), teacher(x, s, c))   # E(s) + E(t): a different function
+    assert relative_change(aux(x, s, c, sigma_t=t), teacher(x, s, c)) > 1e-4   # E(s) + E(t): a different function
     assert build_network(arch, **aux.init_kwargs).state_dict().keys() == state.keys()

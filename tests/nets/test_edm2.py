@@ -149,4 +149,5 @@ def test_post_step_weight_normalisation_equals_in_forward_normalisation():
     w = ours.unet.enc['8x8_block0'].conv_res0.weight
     # normalize divides by eps + rms (eps = 1e-4; rms ~ 1.001 after the lr-0.05 steps): mean square (1 + 1e-4)^-2 up to
     # 3e-7, and ~log2(576) u32 = 6e-7 of fp32 summation: atol=1e-5 around that (was 1e-3 around 1)
-    torch.testing.assert_close(w.square().mean([1, 2, 3]), torch.full([w.shape[0]], (1 + 1e-4) ** -2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w.square().mean([1, 2, 3]), torch.full([w.shape[0]], (1 + 1e-4) ** -2),
+                               atol=1e-5, rtol=0)
