@@ -92,6 +92,7 @@ def reference(tmp_path_factory):
 
 BF16_U = 2.0 ** -8     # bf16 unit roundoff: 8 significant bits
 
+@pytest.mark.numeric
 @pytest.mark.parametrize('arch', sorted(set(TINY) - {'toy'}))
 def test_bf16_keeps_losses_and_gradients(tmp_path, reference, arch):
     """bf16 autocast for G and aux and a bf16 teacher (the GPU configuration) against the fp32 path, bounded by the bf16
@@ -115,6 +116,7 @@ def test_bf16_keeps_losses_and_gradients(tmp_path, reference, arch):
         bound = eps * (2 * kappa + 1)
         assert relative_error(a, b) <= bound, (name, relative_error(a, b), bound, kappa, eps)
 
+@pytest.mark.numeric
 @pytest.mark.parametrize('arch', sorted(set(TINY) - {'toy'}))
 @pytest.mark.parametrize('option, rtol', [('engine.channels_last=true', 1e-4), ('engine.checkpointing=true', 1e-6)])
 def test_layout_and_checkpointing_keep_losses_and_gradients(tmp_path, reference, arch, option, rtol):

@@ -8,6 +8,8 @@ import torch
 
 from cosim_dist import cosim
 
+pytestmark = pytest.mark.numeric        # tolerances depend on floating-point code paths (see .ci/run)
+
 #----------------------------------------------------------------------------
 # A Gaussian world: x0 ~ N(0, s0^2 I) in d dims. The teacher is the exact denoiser, the generator is
 # linear, G(x_t) = a x_t, so the model marginal q_a(x_s; t) = N(0, (v_a + sigma_s^2) I), v_a = a^2 (s0^2 + sigma_t^2).

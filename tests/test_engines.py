@@ -57,6 +57,7 @@ def probe_grads(root, name, *args, nproc):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return torch.load(out, weights_only=True)
 
+@pytest.mark.numeric
 @pytest.mark.parametrize('stage', [1, 2, 3])
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(root, toy_teacher, stage):
     """Same samples, times and noise per global index on 1 x 16 and 2 x 8: the gradients each optimiser receives are

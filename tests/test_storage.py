@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from cosim_dist.storage import S3Store, StorageConfig, fetch_to_local, open_store
+from cosim_dist.storage import S3Store, StorageConfig, fetch_to_local, missing_local, open_store, parse_url
 
 @pytest.fixture(params=['local', pytest.param('s3', marks=pytest.mark.s3)])
 def store(request, tmp_path):
@@ -103,3 +103,12 @@ def test_fetch_to_local_caches_s3_objects(s3_env, tmp_path):
     assert fetch_to_local(f'{prefix}/nets/teacher.pkl', cfg).read_bytes() == b'teacher v2!' # the remote changed
     with pytest.raises(FileNotFoundError, match='missing.pkl'):
         fetch_to_local(f'{prefix}/missing.pkl', cfg)
+
+def test_urls_are_parsed_in_one_place(tmp_path):
+    assert parse_url('s3://bucket/a/b') == ('s3', 'bucket/a/b')
+    assert parse_url(f'file://{tmp_path}/x') == ('file', f'{tmp_path}/x') == parse_url(f'{tmp_path}/x')
+    with pytest.raises(ValueError, match="unsupported URL scheme; use a local path, file:///abs/path or s3://"):
+        parse_url('gs://bucket/x')
+    (tmp_path / 'here').write_text('')
+    assert not missing_local(tmp_path / 'here') and missing_local(f'file://{tmp_path}/gone')
+    assert not missing_local('s3://bucket/unchecked')      # objects are checked when they are read

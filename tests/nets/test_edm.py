@@ -7,6 +7,8 @@ import torch
 
 from cosim_dist.nets import build_network
 
+pytestmark = pytest.mark.numeric        # tolerances depend on floating-point code paths (see .ci/run)
+
 def meta_params(arch: str, **kwargs) -> tuple[int, dict[str, torch.Size]]:
     with torch.device('meta'):
         net = build_network(arch, **kwargs)

@@ -19,6 +19,7 @@ def test_rank_seeds_partition_the_range():
         parts = [rank_seeds(range(5, 105), r, world) for r in range(world)]
         assert [s for p in parts for s in p] == list(range(5, 105))
 
+@pytest.mark.numeric
 def test_moments_do_not_depend_on_batch_size():
     torch.manual_seed(0)
     G = lambda x, sigma, c: 0.3 * x + (0 if c is None else c[:, :1, None, None])
@@ -62,6 +63,7 @@ def test_greedy_grid_search_finds_a_better_interior_point():
     grid, best = tune_grid([80.0, 10.0, 0.25], score)
     assert grid == [80.0, 5.0, 0.5] and best == 0.0
 
+@pytest.mark.numeric
 def test_dpm_solver_converges_on_gaussian_data():
     S0 = 0.5
     den = lambda x, sigma, c: S0 ** 2 / (S0 ** 2 + cosim._bcast(torch.as_tensor(sigma)) ** 2) * x

@@ -1,4 +1,4 @@
-"""Component assembly (cosim_dist/tasks.py) for the published-model configs: the student's constructor arguments
+"""Component assembly (cosim_dist/build.py) for the published-model configs: the student's constructor arguments
 against the teacher's, the dataset against the model config, and a short real training run of a (tiny) EDM2 latent
 model from latent shards through the `edm2-xs` group."""
 
