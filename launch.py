@@ -16,21 +16,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--cluster', choices=('local', 'slurm'), default='local', help='where to run')
     parser.add_argument('--nodes', type=int, default=1, help='Slurm nodes')
     parser.add_argument('--gpus-per-node', type=int, default=0, help='GPUs per node (one rank each)')
-    parser.add_argument('--tasks-per-node', type=int, default=None, help='ranks per node (default: GPUs per node, or 1)')
+    parser.add_argument('--tasks-per-node', type=int, default=None,
+                        help='ranks per node (default: GPUs per node, or 1)')
     parser.add_argument('--cpus-per-task', type=int, default=1, help='CPU cores per rank')
     parser.add_argument('--partition', default=None, help='Slurm partition')
     parser.add_argument('--account', default=None, help='Slurm account')
     parser.add_argument('--qos', default=None, help='Slurm QOS')
-    parser.add_argument('--timeout-min', type=int, default=24 * 60, help='wall-clock limit per allocation (requeues itself)')
+    parser.add_argument('--timeout-min', type=int, default=24 * 60,
+                        help='wall-clock limit per allocation (requeues itself)')
     parser.add_argument('overrides', nargs='*', help='group=name selections and dotted key=value overrides')
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.overrides)
         if args.cluster == 'slurm':
             from launchers.slurm import SlurmOptions, submit
-            options = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-                                   cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account,
-                                   qos=args.qos, timeout_min=args.timeout_min)
+            options = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                                   tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+                                   partition=args.partition, account=args.account, qos=args.qos,
+                                   timeout_min=args.timeout_min)
             batch_layout(cfg.train, args.nodes * (args.tasks_per_node or args.gpus_per_node or 1))
             submit(cfg, options, args.overrides, dry_run=args.dry_run)
             if args.dry_run:

@@ -46,7 +46,8 @@ def main() -> None:
     print(f'checkpoint of {args.mib} MiB in {args.files} files (upload = sha256 + put + manifest + COMMIT; '
           f'restore = list + download + sha256 verify)')
     for name, (up, down) in rows:
-        print(f'{name:<26} upload {up:6.2f} s ({args.mib / up:7.1f} MiB/s)   restore {down:6.2f} s ({args.mib / down:7.1f} MiB/s)')
+        print(f'{name:<26} upload {up:6.2f} s ({args.mib / up:7.1f} MiB/s)   '
+              f'restore {down:6.2f} s ({args.mib / down:7.1f} MiB/s)')
 
 if __name__ == '__main__':
     main()

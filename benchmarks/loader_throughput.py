@@ -17,15 +17,17 @@ import time
 
 import numpy as np
 
-from cosim_dist.data import DatasetInfo, ShardStream, shard_name, write_manifest, write_shard
+from cosim_dist.data import ShardStream
 from cosim_dist.latents import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
+from cosim_dist.shards import DatasetInfo, shard_name, write_manifest, write_shard
 from cosim_dist.storage import open_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def synthetic_latents(url: str, samples: int, per_shard: int, classes: int = 1000) -> None:
     scale, bias = latent_scale_bias(SD_VAE_RAW_MEAN, SD_VAE_RAW_STD)
-    info = DatasetInfo(kind='latents', resolution=64, channels=4, label_count=classes, latent_scale=scale, latent_bias=bias)
+    info = DatasetInfo(kind='latents', resolution=64, channels=4, label_count=classes, latent_scale=scale,
+                       latent_bias=bias)
     store, rng, entries = open_store(url), np.random.default_rng(0), []
     for s in range(-(-samples // per_shard)):
         keys = range(s * per_shard, min(samples, (s + 1) * per_shard))

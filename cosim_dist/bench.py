@@ -139,7 +139,8 @@ def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> di
     peak = matmul_peak(device, dtype, b.peak_size) * env.world_size
     memory, memory_kind = peak_memory(device)
     result = {
-        'model': cfg.groups.get('model'), 'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+        'model': cfg.groups.get('model'),
+        'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
         'world_size': env.world_size, 'batch': cfg.train.batch, 'batch_gpu': batch_gpu, 'rounds': rounds,
         'precision': cfg.engine.precision, 'teacher_precision': cfg.teacher.precision, 'compile': cfg.engine.compile,
         'channels_last': cfg.engine.channels_last, 'checkpointing': cfg.engine.checkpointing,
@@ -164,8 +165,8 @@ def format_result(r: dict) -> str:
              + (f'deepspeed ZeRO-{r["zero_stage"]}' if r['backend'] == 'deepspeed' else 'torch engine'),
              f'  {r["images_per_s"]:.3g} images/s, {r["ms_per_iteration"]:.1f} ms/iteration, '
              f'{r["gflop_per_image"]:.1f} GFLOP/image, MFU {100 * r["mfu"]:.1f}% of a measured '
-             f'{r["matmul_peak_tflops"]:.1f} TFLOP/s, peak memory {r["peak_memory_gib"]:.2f} GiB ({r["peak_memory_kind"]}), '
-             f'saved activations {r["activation_gib_per_rank"]:.2f} GiB per rank',
+             f'{r["matmul_peak_tflops"]:.1f} TFLOP/s, peak memory {r["peak_memory_gib"]:.2f} GiB '
+             f'({r["peak_memory_kind"]}), saved activations {r["activation_gib_per_rank"]:.2f} GiB per rank',
              '  phase (synchronised)            ms/iteration']
     lines += [f'  {k:<32} {v:10.2f}' for k, v in r['ms_per_phase'].items()]
     return '\n'.join(lines)

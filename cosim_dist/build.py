@@ -110,7 +110,8 @@ def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> tor
     torch.manual_seed(cfg.run.seed)
     net = new_network(cfg).to(device)
     stream = make_stream(cfg, cfg.pretrain.batch, seed=cfg.run.seed + 1)
-    teacher = pretrain_teacher(net, stream, cfg.pretrain, cfg.model.sigma_data, cfg.run.seed, make_logger(cfg, 'pretrain'))
+    teacher = pretrain_teacher(net, stream, cfg.pretrain, cfg.model.sigma_data, cfg.run.seed,
+                               make_logger(cfg, 'pretrain'))
     save_snapshot(path, teacher)
     log.info(f'toy teacher saved to {path}')
     return teacher
@@ -132,7 +133,8 @@ def make_engine(cfg: Config, net: torch.nn.Module, lr: float, env: DistEnv):
 
 def make_checkpointer(cfg: Config, env: DistEnv) -> CheckpointManager:
     c = cfg.checkpoint
-    return CheckpointManager(c.url or str(cfg.run_dir / 'checkpoints'), pathlib.Path(c.staging or cfg.run_dir / 'staging'),
+    return CheckpointManager(c.url or str(cfg.run_dir / 'checkpoints'),
+                             pathlib.Path(c.staging or cfg.run_dir / 'staging'),
                              rank=env.rank, keep=c.keep, async_upload=c.async_upload,
                              storage=StorageConfig(endpoint_url=c.endpoint_url))
 

@@ -48,7 +48,8 @@ class CheckpointManager:
 
     def committed(self) -> list[int]:
         """Committed steps, oldest first (a COMMIT marker under step-<nimg>/)."""
-        steps = {int(m.group(1)) for key in self.store.list('step-') if (m := STEP.match(key)) and key.endswith('/COMMIT')}
+        steps = {int(m.group(1)) for key in self.store.list('step-')
+                 if (m := STEP.match(key)) and key.endswith('/COMMIT')}
         return sorted(steps)
 
     def _rank_dir(self, kind: str, nimg: int) -> pathlib.Path:
@@ -97,12 +98,14 @@ class CheckpointManager:
         reports = _gather(result)
         errors = [f'rank {r}: {rep["error"]}' for r, rep in enumerate(reports) if 'error' in rep]
         if errors:
-            raise RuntimeError(f'checkpoint {self.store.url}/{step_prefix(nimg)} was not committed: ' + '; '.join(errors))
+            raise RuntimeError(f'checkpoint {self.store.url}/{step_prefix(nimg)} was not committed: '
+                               + '; '.join(errors))
         if self.rank == 0:
             entries = [e for rep in reports for e in rep['entries']]
             keys = [e['key'] for e in entries]
             if len(set(keys)) != len(keys):
-                raise RuntimeError(f'two ranks staged the same checkpoint file: {sorted(k for k in keys if keys.count(k) > 1)}')
+                raise RuntimeError('two ranks staged the same checkpoint file: '
+                                   f'{sorted(k for k in keys if keys.count(k) > 1)}')
             self.store.put_bytes(json.dumps({'nimg': nimg, 'files': entries}, indent=1).encode(),
                                  f'{step_prefix(nimg)}/manifest.json')
             self._create_commit(nimg)
@@ -113,8 +116,8 @@ class CheckpointManager:
         barrier()
 
     def _create_commit(self, nimg: int) -> None:
-        """Create-only COMMIT holding a token of this attempt: when a retried PUT finds the marker, it is ours if the token
-        matches (the first try reached the store, its reply was lost), another writer's otherwise."""
+        """Create-only COMMIT holding a token of this attempt: when a retried PUT finds the marker, it is ours if the
+        token matches (the first try reached the store, its reply was lost), another writer's otherwise."""
         key, body = f'{step_prefix(nimg)}/COMMIT', f'{nimg}\n{uuid.uuid4().hex}\n'.encode()
         if not self.store.create(body, key) and self.store.read(key) != body:
             raise RuntimeError(f'{self.store.url}/{key} already exists (another writer?)')
@@ -159,7 +162,8 @@ class CheckpointManager:
                 self.resumed = step_prefix(nimg)
                 return path
             log.warning(f'checkpoint {self.store.url}/{step_prefix(nimg)} is unusable ({why or "on another rank"}); '
-                        f'retiring it (COMMIT removed, so that the step is written again) and trying the previous commit')
+                        f'retiring it (COMMIT removed, so that the step is written again) '
+                        f'and trying the previous commit')
             if self.rank == 0:
                 self.store.delete(f'{step_prefix(nimg)}/COMMIT')
         return None

@@ -42,7 +42,8 @@ class ModelConfig:
     sigma_data: float = 0.5          # EDM sigma_data
     latent_raw_mean: list[float] | None = None  # latent models: per-channel mean of the VAE latents (EDM2 convention)
     latent_raw_std: list[float] | None = None   # latent models: per-channel std; network space = (x - mean) * 0.5 / std
-    net: dict[str, Any] = dataclasses.field(default_factory=lambda: {'model_channels': 32, 'channel_mult': [1, 2]})  # architecture kwargs
+    # architecture kwargs
+    net: dict[str, Any] = dataclasses.field(default_factory=lambda: {'model_channels': 32, 'channel_mult': [1, 2]})
 
 @dataclasses.dataclass
 class AuxConfig:
@@ -103,7 +104,8 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    url: str | None = None           # file path, file:// or s3:// prefix for checkpoints (default: <run dir>/checkpoints)
+    # file path, file:// or s3:// prefix for checkpoints (default: <run dir>/checkpoints)
+    url: str | None = None
     staging: str | None = None       # rank-local staging directory (default: <run dir>/staging)
     keep: int = 2                    # committed checkpoints to retain
     async_upload: bool = True        # upload in a background thread while training continues
@@ -114,7 +116,8 @@ class EngineConfig:
     backend: str = 'torch'           # torch (one process, plain Adam) | deepspeed (ZeRO, any number of processes)
     zero_stage: int = 0              # DeepSpeed ZeRO stage 0-3 (generator and auxiliary)
     precision: str = 'fp32'          # fp32 | bf16 (autocast for G and aux; master weights stay fp32)
-    compile: str = 'none'            # torch.compile mode for G, aux and teacher: none | default | reduce-overhead (CUDA graphs) | max-autotune
+    # torch.compile mode for G, aux and teacher: none | default | reduce-overhead (CUDA graphs) | max-autotune
+    compile: str = 'none'
     channels_last: bool = False      # NHWC memory format for the networks (faster bf16 convolutions on GPUs)
     checkpointing: bool = False      # activation checkpointing of every residual block of G and aux (memory option)
 
@@ -144,13 +147,16 @@ class EvalConfig:
     batch: int = 1000                # generation batch
     seed: int = 0                    # first sample seed (sample i uses seed + i)
     # Real models (model.teacher set or a non-toy arch): FID / FD-DINOv2 against reference statistics (eval/real.py).
-    samplers: list[str] = dataclasses.field(default_factory=lambda: ['heun', 'dpm', 'cosim'])  # rows: heun | dpm | cosim
-    generator: str | None = None     # distilled generator file (snapshot, export dir, s3://); default <run dir>/generator.pt
+    # rows: heun | dpm | cosim
+    samplers: list[str] = dataclasses.field(default_factory=lambda: ['heun', 'dpm', 'cosim'])
+    # distilled generator file (snapshot, export dir, s3://); default <run dir>/generator.pt
+    generator: str | None = None
     metrics: list[str] = dataclasses.field(default_factory=lambda: ['inception', 'dinov2'])  # feature extractors
     inception_weights: str | None = None  # weights-inception-2015-12-05-6726825d.pth (torch-fidelity release)
     dinov2_weights: str | None = None     # dinov2_vitl14_pretrain.pth (facebookresearch/dinov2 release)
     ref: str | None = None           # reference statistics: EDM2 .pkl (fid, fd_dinov2) or EDM .npz (fid)
-    vae: str | None = None           # latent models: local diffusers AutoencoderKL directory (stabilityai/sd-vae-ft-mse)
+    # latent models: local diffusers AutoencoderKL directory (stabilityai/sd-vae-ft-mse)
+    vae: str | None = None
     decode_batch: int = 8            # latents per VAE decoder call
     chunk: int = 1000                # seeds per resumable chunk (per-rank sums are committed after each)
     png_dir: str | None = None       # also write <png_dir>/<sampler>/<seed // 1000 * 1000>/<seed>.png
@@ -169,7 +175,8 @@ class LoggingConfig:
 
 @dataclasses.dataclass
 class Config:
-    task: str = 'default'            # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval | bench
+    # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval | bench
+    task: str = 'default'
     groups: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_GROUPS))  # selected groups
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -213,8 +220,9 @@ def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
     """(micro-batch per rank, accumulation rounds) with batch = micro-batch x world size x rounds."""
     batch_gpu = train.batch_gpu or train.batch // world_size
     if batch_gpu < 1 or train.batch % (batch_gpu * world_size):
-        raise ConfigError(f'train.batch={train.batch} must be a multiple of train.batch_gpu={train.batch_gpu or batch_gpu} '
-                          f'x world size {world_size}; change one of the three numbers')
+        raise ConfigError(f'train.batch={train.batch} must be a multiple of '
+                          f'train.batch_gpu={train.batch_gpu or batch_gpu} x world size {world_size}; '
+                          f'change one of the three numbers')
     return batch_gpu, train.batch // (batch_gpu * world_size)
 
 def group_choices(group: str) -> list[str]:
@@ -231,19 +239,23 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f'{key}={_get(cfg, key)!r} is invalid; valid choices: {", ".join(map(str, allowed))}')
-    for keys, ok, rule in ((('train.lr_g', 'train.lr_aux', 'train.eps', 'pretrain.lr', 'pretrain.kimg', 'model.sigma_data',
-                             'model.resolution', 'model.channels', 'schedule.sigma_min', 'schedule.rho', 'schedule.ratio',
-                             'checkpoint.keep', 'train.batch', 'train.kimg', 'pretrain.batch', 'eval.num_samples',
-                             'eval.batch', 'eval.heun_steps', 'train.aux_steps_per_gen', 'eval.chunk',
-                             'eval.decode_batch', 'data.gmm.noise_std'), lambda v: v > 0, '> 0'),
+    for keys, ok, rule in ((('train.lr_g', 'train.lr_aux', 'train.eps', 'pretrain.lr', 'pretrain.kimg',
+                             'model.sigma_data', 'model.resolution', 'model.channels', 'schedule.sigma_min',
+                             'schedule.rho', 'schedule.ratio', 'checkpoint.keep', 'train.batch', 'train.kimg',
+                             'pretrain.batch', 'eval.num_samples', 'eval.batch', 'eval.heun_steps',
+                             'train.aux_steps_per_gen', 'eval.chunk', 'eval.decode_batch',
+                             'data.gmm.noise_std'), lambda v: v > 0, '> 0'),
                            (('data.gmm.classes', 'data.gmm.components', 'data.gmm.rank'), lambda v: v >= 1, '>= 1'),
                            (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
-                           (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'), lambda v: v >= 0, '>= 0')):
-        for key in keys:                # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)
+                           (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'),
+                            lambda v: v >= 0, '>= 0')):
+        # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)
+        for key in keys:
             if not ok(_get(cfg, key)):
                 raise ConfigError(f'{key}={_get(cfg, key)} must be {rule}')
     if cfg.schedule.sigma_max <= cfg.schedule.sigma_min:
-        raise ConfigError(f'schedule.sigma_max={cfg.schedule.sigma_max} must exceed schedule.sigma_min={cfg.schedule.sigma_min}')
+        raise ConfigError(f'schedule.sigma_max={cfg.schedule.sigma_max} must exceed '
+                          f'schedule.sigma_min={cfg.schedule.sigma_min}')
     if any(k < 1 for k in cfg.eval.steps):
         raise ConfigError(f'eval.steps={cfg.eval.steps}: every sampler step count K must be >= 1')
     for key, allowed in (('eval.samplers', ('heun', 'dpm', 'cosim')), ('eval.metrics', ('inception', 'dinov2'))):
@@ -258,7 +270,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f'engine.compile={cfg.engine.compile} does not combine with ZeRO-3 parameter partitioning '
                           f'(engine.zero_stage=3 or teacher.offload=cpu): use engine.compile=none or ZeRO stage <= 2')
     if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
-        raise ConfigError('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: set engine.backend=deepspeed')
+        raise ConfigError('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: '
+                          'set engine.backend=deepspeed')
     if cfg.data.kind == 'shards' and not cfg.data.path and cfg.task not in ('bench', 'eval'):  # neither reads data
         raise ConfigError('data.kind=shards needs data.path=<shard directory or s3:// prefix>')
 
@@ -303,7 +316,8 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
             dotlist.append(arg)
     return groups, dotlist
 
-def load_group(group: str, name: str, chain: tuple[str, ...] = ()) -> tuple[list[tuple[str, DictConfig]], dict[str, str]]:
+def load_group(group: str, name: str,
+               chain: tuple[str, ...] = ()) -> tuple[list[tuple[str, DictConfig]], dict[str, str]]:
     """The fragments of configs/<group>/<name>.yaml in merge order, with the group defaults it declares.
     A fragment may say `extends: <other name in the group>` (merged first) and `defaults: {group: name}` (groups
     selected when the command line does not select them)."""
@@ -348,9 +362,9 @@ def config_hash(section: Any) -> str:
     blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
-RESUME_SECTIONS = ('run.seed', 'model', 'aux', 'data', 'schedule', 'kernel', 'loss', 'engine.backend', 'engine.zero_stage',
-                   'train.batch', 'train.lr_g', 'train.lr_aux', 'train.beta1', 'train.beta2', 'train.eps',
-                   'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen')
+RESUME_SECTIONS = ('run.seed', 'model', 'aux', 'data', 'schedule', 'kernel', 'loss', 'engine.backend',
+                   'engine.zero_stage', 'train.batch', 'train.lr_g', 'train.lr_aux', 'train.beta1', 'train.beta2',
+                   'train.eps', 'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen')
 
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(value):

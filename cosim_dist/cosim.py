@@ -48,7 +48,8 @@ class TimeSchedule:
     sigma_s_max: float | None          # optional cap on sigma_s
     noise: NoiseRange
 
-    def sample(self, n: int, gen: torch.Generator | None = None, device: torch.device | str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int, gen: torch.Generator | None = None,
+               device: torch.device | str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. T1: draw (sigma_s, sigma_t) [n] each, with sigma_s < sigma_t."""
         u = torch.rand(2, n, generator=gen, dtype=torch.float64, device=gen.device if gen is not None else 'cpu')
         r_t = self.r_lo + (1 - self.r_lo) * u[0]
@@ -191,7 +192,8 @@ def heun_sample(net: Net, z: torch.Tensor, labels: torch.Tensor | None, num_step
 #----------------------------------------------------------------------------
 # DPM-Solver++(2M) (Lu et al. 2022) in the EDM parameterisation (alpha = 1, lambda = -ln sigma), the training-free
 # baseline at matched NFE: with h_i = ln(sigma_i / sigma_{i+1}) and r_i = h_{i-1} / h_i,
-#   D'_i = (1 + 1/(2 r_i)) D_i - 1/(2 r_i) D_{i-1},   x_{i+1} = (sigma_{i+1}/sigma_i) x_i + (1 - sigma_{i+1}/sigma_i) D'_i,
+#   D'_i = (1 + 1/(2 r_i)) D_i - 1/(2 r_i) D_{i-1},
+#   x_{i+1} = (sigma_{i+1}/sigma_i) x_i + (1 - sigma_{i+1}/sigma_i) D'_i,
 # first order at the first step and a final step to sigma = 0 that returns D of the last point. NFE = N.
 
 @torch.no_grad()

@@ -87,7 +87,8 @@ class TorchEngine:
     def load(self, directory: pathlib.Path) -> dict:
         path = directory / 'engine.pt'
         if not path.is_file():
-            raise FileNotFoundError(f'no engine state at {path} (was the checkpoint written by engine.backend=deepspeed?)')
+            raise FileNotFoundError(f'no engine state at {path} '
+                                    '(was the checkpoint written by engine.backend=deepspeed?)')
         sd = torch.load(path, map_location='cpu', weights_only=True)
         self.module.load_state_dict(sd['module'])
         self.optimizer.load_state_dict(sd['optimizer'])
@@ -140,7 +141,8 @@ class DeepSpeedEngine:
                                             'torch_adam': True, 'fused': on_cuda(module)}}
         self.zero_stage, self.constraint = zero_stage, constraint
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
-                                               config=deepspeed_config(micro_batch, accum, world_size, zero_stage, adam))
+                                               config=deepspeed_config(micro_batch, accum, world_size,
+                                                                       zero_stage, adam))
         self._project()
 
     @property
@@ -195,7 +197,8 @@ class DeepSpeedEngine:
 #----------------------------------------------------------------------------
 # The frozen teacher: a low-precision module, or a ZeRO-3 inference engine offloaded to host memory.
 
-def place_teacher(teacher: torch.nn.Module, cfg: TeacherConfig, device: torch.device, world_size: int) -> torch.nn.Module:
+def place_teacher(teacher: torch.nn.Module, cfg: TeacherConfig, device: torch.device,
+                  world_size: int) -> torch.nn.Module:
     """Eval mode, no parameter gradients (inputs stay differentiable), in the configured precision and place."""
     precision = cfg.precision if cfg.precision != 'auto' else ('bf16' if device.type == 'cuda' else 'fp32')
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float32

@@ -29,12 +29,16 @@ ENDPOINT_ENV = ('AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'S3_ENDPOINT_URL')
 
 @dataclasses.dataclass(kw_only=True)
 class StorageConfig:
-    endpoint_url: str | None = None # S3 endpoint, e.g. http://127.0.0.1:8333; None: the first of ENDPOINT_ENV set, else AWS
-    region: str | None = None       # S3 region; None: boto3's default chain ($AWS_REGION, profile), 'us-east-1' if unset
-    max_attempts: int = 10          # attempts per S3 request, with boto3's adaptive retry mode (backoff + client-side rate limiting)
+    # S3 endpoint, e.g. http://127.0.0.1:8333; None: the first of ENDPOINT_ENV set, else AWS
+    endpoint_url: str | None = None
+    # S3 region; None: boto3's default chain ($AWS_REGION, profile), 'us-east-1' if unset
+    region: str | None = None
+    # attempts per S3 request, with boto3's adaptive retry mode (backoff + client-side rate limiting)
+    max_attempts: int = 10
     multipart_mb: int = 64          # objects larger than this are transferred in parts of this size (S3 minimum: 5)
     max_concurrency: int = 8        # threads per multipart transfer
-    cache_dir: str | None = None    # where fetch_to_local keeps S3 downloads; None: $COSIM_CACHE, else ~/.cache/cosim_dist
+    # where fetch_to_local keeps S3 downloads; None: $COSIM_CACHE, else ~/.cache/cosim_dist
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -142,7 +146,8 @@ class LocalStore:
     def list(self, prefix: str = '') -> list[str]:
         if not self.root.is_dir():
             return []
-        keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob('*') if p.is_file() and not p.name.startswith('.'))
+        keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob('*')
+                if p.is_file() and not p.name.startswith('.'))
         return sorted(k for k in keys if k.startswith(prefix))
 
     def delete(self, key: str) -> None:
@@ -181,7 +186,8 @@ class S3Store:
     def transfer(self):
         from boto3.s3.transfer import TransferConfig
         part = self.cfg.multipart_mb << 20
-        return TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.cfg.max_concurrency)
+        return TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                              max_concurrency=self.cfg.max_concurrency)
 
     def _key(self, key: str) -> str:
         return f'{self.prefix}/{key}' if self.prefix else key
@@ -209,7 +215,9 @@ class S3Store:
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         import botocore.exceptions
         try:
-            write_atomic(pathlib.Path(path), lambda tmp: self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer))
+            write_atomic(pathlib.Path(path),
+                         lambda tmp: self.client.download_file(self.bucket, self._key(key), str(tmp),
+                                                               Config=self.transfer))
         except botocore.exceptions.ClientError as e:
             raise (self._missing(key) if _is_missing(e) else e) from e
 
@@ -277,7 +285,8 @@ def fetch_to_local(url: str | os.PathLike, cfg: StorageConfig | None = None) -> 
     cache = pathlib.Path(cfg.cache_dir or os.environ.get('COSIM_CACHE') or '~/.cache/cosim_dist').expanduser()
     path = cache / 's3' / bucket / key
     stamp = path.with_name(f'.{path.name}.etag') # the ETag of the cached copy
-    if path.is_file() and path.stat().st_size == head['ContentLength'] and stamp.is_file() and stamp.read_text() == head['ETag']:
+    if (path.is_file() and path.stat().st_size == head['ContentLength']
+        and stamp.is_file() and stamp.read_text() == head['ETag']):
         return path
     store.get_file(key, path)
     write_atomic(stamp, lambda tmp: tmp.write_text(head['ETag']))

@@ -51,8 +51,8 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
         run_bench(cfg, device, env)
         return None
     real = feature_evaluation(cfg)
-    evaluate_real = lambda get_teacher_: evaluate_features(cfg, device, env, should_stop, get_teacher_, noise_range(cfg),
-                                                           make_logger(cfg, 'eval', env.rank))
+    evaluate_real = lambda get_teacher_: evaluate_features(cfg, device, env, should_stop, get_teacher_,
+                                                           noise_range(cfg), make_logger(cfg, 'eval', env.rank))
     if cfg.task == 'eval' and real:
         return evaluate_real(lambda: get_teacher(cfg, device))
     if env.rank == 0:

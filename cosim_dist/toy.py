@@ -45,7 +45,8 @@ class GMMWorld:
         pick = torch.randint(self.cfg.components, labels.shape, generator=gen)
         return labels * self.cfg.components + pick
 
-    def sample(self, n: int, gen: torch.Generator, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int, gen: torch.Generator,
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact samples: (x0 float32 [n, C, H, W], labels int64 [n]); labels uniform unless given."""
         if labels is None:
             labels = torch.randint(self.cfg.classes, (n,), generator=gen)
@@ -60,7 +61,8 @@ class GMMWorld:
 
     #------------------------------------------------------------------------
     # Closed-form posterior mean. For x = x0 + sigma*n and one component,
-    #   E[x0 | x, k] = mu + Q diag((a^2 + eps^2) / (a^2 + v)) Q^T r + eps^2 / v (r - Q Q^T r),  r = x - mu, v = eps^2 + sigma^2,
+    #   E[x0 | x, k] = mu + Q diag((a^2 + eps^2) / (a^2 + v)) Q^T r + eps^2 / v (r - Q Q^T r),
+    #   r = x - mu, v = eps^2 + sigma^2,
     # and the component posterior is p(k | x, c) ~ N(x; mu_k, Sigma_k + sigma^2 I) over the components of class c.
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,8 @@ class GMMWorld:
         xf = x.reshape(n, 1, self.dim).to(torch.float64)
         sigma2 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(n).reshape(n, 1)
         ks = labels.reshape(n, 1) * self.cfg.components + torch.arange(self.cfg.components)    # [n, R]
-        Q, a2, mu = self.Q[ks], self.a[ks] ** 2, self.mu[ks]                                     # [n,R,D,K], [n,R,K], [n,R,D]
+        # [n,R,D,K], [n,R,K], [n,R,D]
+        Q, a2, mu = self.Q[ks], self.a[ks] ** 2, self.mu[ks]
         v = (self.eps2 + sigma2 ** 2).unsqueeze(-1)                                              # [n,1,1]
         r = xf - mu                                                                              # [n,R,D]
         proj = torch.einsum('nrdk,nrd->nrk', Q, r)                                               # [n,R,K]
@@ -78,7 +81,8 @@ class GMMWorld:
         logp = -0.5 * ((proj ** 2 / lam).sum(-1) + perp2 / v[..., 0] + lam.log().sum(-1)
                        + (self.dim - self.cfg.rank) * v[..., 0].log())
         w = torch.softmax(logp, dim=1)                                                           # [n,R]
-        post = mu + torch.einsum('nrdk,nrk->nrd', Q, proj * ((a2 + self.eps2) / lam - self.eps2 / v)) + (self.eps2 / v) * r
+        post = mu + torch.einsum('nrdk,nrk->nrd', Q,
+                                 proj * ((a2 + self.eps2) / lam - self.eps2 / v)) + (self.eps2 / v) * r
         return (w.unsqueeze(-1) * post).sum(1).reshape(x.shape).to(x.dtype)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:

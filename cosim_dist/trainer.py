@@ -58,7 +58,8 @@ class Trainer:
                  timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> None:
         self.teacher, self.g, self.aux, self.data = teacher, g_engine, aux_engine, data
         self.schedule, self.train_cfg, self.loss_cfg, self.kernel_cfg = schedule, train, loss, kernel
-        self.sigma_data, self.seed, self.logger, self.device, self.precision = sigma_data, seed, logger, device, precision
+        self.sigma_data, self.seed, self.logger, self.device, self.precision = (sigma_data, seed, logger, device,
+                                                                                precision)
         self.checkpointer, self.should_stop = checkpointer, should_stop
         self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint or {}
         self.timer = timer or (lambda phase: contextlib.nullcontext())   # phase -> context (the benchmark's clock)
@@ -66,7 +67,8 @@ class Trainer:
         self.rounds = train.batch // (self.batch_gpu * world_size)
         self.alpha = cosim.generator_alpha(loss.lmbda, loss.alpha)
         G = self.g.module
-        self.ema = type(G)(**G.init_kwargs).to(device).eval().requires_grad_(False)   # a plain copy, whatever the engine
+        # a plain copy, whatever the engine
+        self.ema = type(G)(**G.init_kwargs).to(device).eval().requires_grad_(False)
         with self.g.full_parameters():
             cosim.ema_update(self.ema, G, beta=0.0)
         self.state = TrainState()
@@ -83,9 +85,9 @@ class Trainer:
             self.aux.save(path / 'aux')
         except (OSError, RuntimeError) as e:    # torch.save reports a full disk as 'unexpected pos ...'
             free = shutil.disk_usage(path).free / 2**20
-            raise OSError(f'checkpoint staging failed: could not write the state at {self.state.nimg} images into {path} '
-                          f'({type(e).__name__}: {e}); {free:.1f} MiB free on that disk (full?): free space or set '
-                          f'checkpoint.staging=DIR; the previous commit is intact') from e
+            raise OSError(f'checkpoint staging failed: could not write the state at {self.state.nimg} images '
+                          f'into {path} ({type(e).__name__}: {e}); {free:.1f} MiB free on that disk (full?): '
+                          f'free space or set checkpoint.staging=DIR; the previous commit is intact') from e
         self.checkpointer.commit(self.state.nimg)
         self.saved_nimg = self.state.nimg
 
@@ -170,7 +172,8 @@ class Trainer:
                         D_psi = aux(ks.x_s, s, c, sigma_t=t).float()
                 ok = finite_rows(ks.x_s, D_phi, D_psi)
                 self._count_dropped(ok)
-                loss = cosim.generator_loss(ks.target[ok].float(), D_phi[ok], D_psi[ok], self.alpha, self.loss_cfg.gen_scale)
+                loss = cosim.generator_loss(ks.target[ok].float(), D_phi[ok], D_psi[ok], self.alpha,
+                                            self.loss_cfg.gen_scale)
                 with self.timer('gen: backward'):
                     self.g.backward(loss)
                 with self.timer('gen: optimiser'):
@@ -181,7 +184,8 @@ class Trainer:
         return total
 
     def ema_step(self) -> None:
-        beta = cosim.ema_beta(self.train_cfg.batch, self.state.nimg, self.train_cfg.ema_halflife_kimg, self.train_cfg.ema_rampup)
+        beta = cosim.ema_beta(self.train_cfg.batch, self.state.nimg, self.train_cfg.ema_halflife_kimg,
+                              self.train_cfg.ema_rampup)
         with self.timer('ema'), self.g.full_parameters():
             cosim.ema_update(self.ema, self.g.module, beta)
 

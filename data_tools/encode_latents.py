@@ -1,5 +1,5 @@
 """Encode a pixel shard dataset (data_tools/make_shards.py) into latent shards holding the VAE posterior mean and std
-(format: cosim_dist/data.py), with a diffusers AutoencoderKL loaded from a local directory in the
+(format: cosim_dist/shards.py), with a diffusers AutoencoderKL loaded from a local directory in the
 `stabilityai/sd-vae-ft-mse` layout (config.json + weights). Pixels enter the VAE as x/255 in [0, 1] and the dataset
 records scale = 0.5/raw_std, bias = -raw_mean*scale (EDM2 conventions, docs/ALGORITHM.md, "Reference facts").
 
@@ -9,7 +9,8 @@ i % tasks. A task skips every shard already done, i.e. present and matching its 
 writes manifest.parquet. A killed or preempted task is simply rerun; reruns never redo finished shards.
 
     # every task as a local process (GPU task % device_count when CUDA is present)
-    python -m data_tools.encode_latents --source s3://b/in512-px --out s3://b/in512-sd --vae /models/sd-vae-ft-mse --tasks 8
+    python -m data_tools.encode_latents --source s3://b/in512-px --out s3://b/in512-sd --vae /models/sd-vae-ft-mse \
+--tasks 8
     # a Slurm job array through submitit
     python -m data_tools.encode_latents ... --tasks 64 --cluster slurm --slurm-partition gpu
     # one task, e.g. from a plain sbatch array (slurm/encode_latents.sbatch)
@@ -28,7 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosim_dist.data import (
+from cosim_dist.distributed import pick_device
+from cosim_dist.eval.decode import load_vae
+from cosim_dist.latents import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
+from cosim_dist.shards import (
     CorruptShard,
     DatasetInfo,
     ShardEntry,
@@ -37,9 +41,6 @@ from cosim_dist.data import (
     write_manifest,
     write_shard,
 )
-from cosim_dist.distributed import pick_device
-from cosim_dist.eval.decode import load_vae
-from cosim_dist.latents import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
 from cosim_dist.storage import ObjectStore, StorageConfig, open_store
 
 ENTRIES = '_entries' # one JSON ShardEntry per finished output shard
@@ -62,10 +63,11 @@ class EncodeConfig:
         if self.dtype not in ('fp16', 'fp32'):
             raise ValueError(f'--dtype={self.dtype!r} must be fp16 or fp32')
         if len(self.raw_mean) != len(self.raw_std):
-            raise ValueError(f'--raw-mean {self.raw_mean} and --raw-std {self.raw_std} need one value per latent channel each')
+            raise ValueError(f'--raw-mean {self.raw_mean} and --raw-std {self.raw_std} '
+                             'need one value per latent channel each')
         if not (pathlib.Path(self.vae) / 'config.json').is_file():
-            raise FileNotFoundError(f'--vae {self.vae}: no config.json; expected a local diffusers AutoencoderKL directory '
-                                    f'(e.g. a download of stabilityai/sd-vae-ft-mse)')
+            raise FileNotFoundError(f'--vae {self.vae}: no config.json; expected a local diffusers AutoencoderKL '
+                                    f'directory (e.g. a download of stabilityai/sd-vae-ft-mse)')
 
 #----------------------------------------------------------------------------
 # Bookkeeping.
@@ -86,15 +88,18 @@ def latent_info(cfg: EncodeConfig, pixels: DatasetInfo) -> DatasetInfo:
     """Metadata of the latent dataset, from the pixel metadata and the VAE's config.json (no weights needed)."""
     vae = json.loads((pathlib.Path(cfg.vae) / 'config.json').read_text())
     if pixels.kind != 'pixels' or pixels.channels != vae['in_channels']:
-        raise ValueError(f'--source {cfg.source}: kind={pixels.kind!r} with {pixels.channels} channels, but the VAE takes '
-                         f'uint8 pixels with {vae["in_channels"]} channels (write them with data_tools/make_shards.py --source)')
+        raise ValueError(f'--source {cfg.source}: kind={pixels.kind!r} with {pixels.channels} channels, '
+                         f'but the VAE takes uint8 pixels with {vae["in_channels"]} channels '
+                         f'(write them with data_tools/make_shards.py --source)')
     if vae['latent_channels'] != len(cfg.raw_mean):
-        raise ValueError(f'--vae {cfg.vae} has {vae["latent_channels"]} latent channels but --raw-mean/--raw-std give {len(cfg.raw_mean)}')
+        raise ValueError(f'--vae {cfg.vae} has {vae["latent_channels"]} latent channels '
+                         f'but --raw-mean/--raw-std give {len(cfg.raw_mean)}')
     scale, bias = latent_scale_bias(cfg.raw_mean, cfg.raw_std)
     extra = {'source': cfg.source, 'vae': cfg.vae, 'dtype': cfg.dtype, 'pixel_resolution': pixels.resolution,
              'raw_mean': list(cfg.raw_mean), 'raw_std': list(cfg.raw_std), 'classes': pixels.extra.get('classes')}
     return DatasetInfo(kind='latents', resolution=pixels.resolution // 2 ** (len(vae['block_out_channels']) - 1),
-                       channels=vae['latent_channels'], label_count=pixels.label_count, latent_scale=scale, latent_bias=bias, extra=extra)
+                       channels=vae['latent_channels'], label_count=pixels.label_count, latent_scale=scale,
+                       latent_bias=bias, extra=extra)
 
 def finalize(out: ObjectStore, info: DatasetInfo, names: list[str]) -> bool:
     """Write the manifest if every shard has its entry; returns whether it did."""
@@ -112,11 +117,13 @@ def _load_vae(path: str, task: int) -> tuple[torch.nn.Module, torch.device]:
     return load_vae(path, device), device
 
 @torch.no_grad()
-def _encode(vae: torch.nn.Module, device: torch.device, samples: list[dict[str, Any]], batch: int, dtype: str) -> Iterator[dict[str, Any]]:
+def _encode(vae: torch.nn.Module, device: torch.device, samples: list[dict[str, Any]],
+            batch: int, dtype: str) -> Iterator[dict[str, Any]]:
     np_dtype = np.float16 if dtype == 'fp16' else np.float32
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
-        x = torch.from_numpy(np.stack([s['x.npy'] for s in chunk])).to(device, torch.float32) / 255 # EDM2: [0, 1], not [-1, 1]
+        # EDM2: [0, 1], not [-1, 1]
+        x = torch.from_numpy(np.stack([s['x.npy'] for s in chunk])).to(device, torch.float32) / 255
         dist = vae.encode(x).latent_dist
         mean, std = (t.float().cpu().numpy().astype(np_dtype) for t in (dist.mean, dist.std))
         for s, m, d in zip(chunk, mean, std):
@@ -131,7 +138,8 @@ def run_task(cfg: EncodeConfig, task: int) -> dict[str, Any]:
     info = latent_info(cfg, pixels)
     mine = entries[task::cfg.tasks]
     todo = [e for e in mine if not _done(out, e.name)]
-    print(f'task {task}/{cfg.tasks}: {len(mine)} shards, {len(mine) - len(todo)} already done, {len(todo)} to encode', flush=True)
+    print(f'task {task}/{cfg.tasks}: {len(mine)} shards, {len(mine) - len(todo)} already done, {len(todo)} to encode',
+          flush=True)
     images, start = 0, time.perf_counter()
     if todo:
         vae, device = _load_vae(cfg.vae, task)
@@ -141,7 +149,7 @@ def run_task(cfg: EncodeConfig, task: int) -> dict[str, Any]:
                 samples = load_shard(src, entry, pixels)
             except CorruptShard as e:
                 raise RuntimeError(f'{src.url}/{entry.name} is corrupt ({e}); re-create the source dataset '
-                                   f'(cosim_dist.data.verify_manifest lists every bad shard)') from e
+                                   f'(cosim_dist.shards.verify_manifest lists every bad shard)') from e
             written = write_shard(out, entry.name, _encode(vae, device, samples, cfg.batch, cfg.dtype), info)
             out.put_bytes(json.dumps(dataclasses.asdict(written)).encode(), _entry_key(entry.name))
             images += written.samples
@@ -161,7 +169,8 @@ def launch(cfg: EncodeConfig, *, cluster: str, log_dir: str, timeout_min: int, s
     executor = submitit.AutoExecutor(folder=log_dir, cluster=cluster)
     executor.update_parameters(name='encode_latents', timeout_min=timeout_min, cpus_per_task=cpus_per_task,
                                local_gpus_per_node=torch.cuda.device_count(), slurm_gpus_per_node=gpus_per_task,
-                               slurm_array_parallelism=parallelism, **({'slurm_partition': slurm_partition} if slurm_partition else {}))
+                               slurm_array_parallelism=parallelism,
+                               **({'slurm_partition': slurm_partition} if slurm_partition else {}))
     jobs = executor.map_array(run_task, [cfg] * cfg.tasks, range(cfg.tasks))
     print(f'submitted {len(jobs)} {cluster} tasks (job {jobs[0].job_id.split("_")[0]}); logs in {log_dir}', flush=True)
     results, failed = [], []
@@ -169,7 +178,8 @@ def launch(cfg: EncodeConfig, *, cluster: str, log_dir: str, timeout_min: int, s
         try:
             results.append(job.result())
         except Exception as e: # a task died: report it and the others; a rerun resumes
-            failed.append(f'task {task} (job {job.job_id}): {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}')
+            failed.append(f'task {task} (job {job.job_id}): '
+                          f'{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}')
     if failed:
         raise RuntimeError(f'{len(failed)} of {len(jobs)} tasks failed; rerun the same command to finish the rest:\n  '
                            + '\n  '.join(failed))
@@ -182,11 +192,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument('--vae', required=True, help='local AutoencoderKL directory (stabilityai/sd-vae-ft-mse layout)')
     parser.add_argument('--tasks', type=int, default=1, help='number of tasks sharing the shards')
     parser.add_argument('--task', type=int, help='run only this task, in this process')
-    parser.add_argument('--cluster', choices=('local', 'slurm'), default='local', help='where the tasks run (without --task)')
+    parser.add_argument('--cluster', choices=('local', 'slurm'), default='local',
+                        help='where the tasks run (without --task)')
     parser.add_argument('--batch', type=int, default=32, help='images per VAE forward')
     parser.add_argument('--dtype', choices=('fp16', 'fp32'), default='fp16', help='storage dtype of mean and std')
-    parser.add_argument('--raw-mean', type=float, nargs='+', default=SD_VAE_RAW_MEAN, help='per-channel latent mean (EDM2 sd-vae-ft-mse)')
-    parser.add_argument('--raw-std', type=float, nargs='+', default=SD_VAE_RAW_STD, help='per-channel latent std (EDM2 sd-vae-ft-mse)')
+    parser.add_argument('--raw-mean', type=float, nargs='+', default=SD_VAE_RAW_MEAN,
+                        help='per-channel latent mean (EDM2 sd-vae-ft-mse)')
+    parser.add_argument('--raw-std', type=float, nargs='+', default=SD_VAE_RAW_STD,
+                        help='per-channel latent std (EDM2 sd-vae-ft-mse)')
     parser.add_argument('--endpoint-url', help='S3 endpoint (default: $AWS_ENDPOINT_URL / $S3_ENDPOINT_URL, else AWS)')
     parser.add_argument('--log-dir', default='logs/encode_latents', help='submitit folder for task logs')
     parser.add_argument('--timeout-min', type=int, default=240, help='time limit per task')
@@ -195,18 +208,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument('--cpus-per-task', type=int, default=8, help='CPUs per task')
     parser.add_argument('--parallelism', type=int, default=64, help='Slurm tasks running at once')
     args = parser.parse_args(argv)
-    cfg = EncodeConfig(source=args.source, out=args.out, vae=args.vae, tasks=args.tasks, batch=args.batch, dtype=args.dtype,
-                       raw_mean=tuple(args.raw_mean), raw_std=tuple(args.raw_std), storage=StorageConfig(endpoint_url=args.endpoint_url))
+    cfg = EncodeConfig(source=args.source, out=args.out, vae=args.vae, tasks=args.tasks, batch=args.batch,
+                       dtype=args.dtype, raw_mean=tuple(args.raw_mean), raw_std=tuple(args.raw_std),
+                       storage=StorageConfig(endpoint_url=args.endpoint_url))
     if args.task is not None:
         results = [run_task(cfg, args.task)]
     else:
         results = launch(cfg, cluster=args.cluster, log_dir=args.log_dir, timeout_min=args.timeout_min,
-                         slurm_partition=args.slurm_partition,
-                         gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task, parallelism=args.parallelism)
+                         slurm_partition=args.slurm_partition, gpus_per_task=args.gpus_per_task,
+                         cpus_per_task=args.cpus_per_task, parallelism=args.parallelism)
     images, seconds = sum(r['images'] for r in results), max(r['seconds'] for r in results)
-    print(f'encoded {images} images in {sum(r["encoded"] for r in results)} shards ({images / max(seconds, 1e-9):.1f} images/s over '
-          f'{len(results)} task(s)); skipped {sum(r["skipped"] for r in results)} finished shards; '
-          f'manifest {"written" if any(r["manifest"] for r in results) else "pending (other tasks still running)"}', flush=True)
+    print(f'encoded {images} images in {sum(r["encoded"] for r in results)} shards '
+          f'({images / max(seconds, 1e-9):.1f} images/s over {len(results)} task(s)); '
+          f'skipped {sum(r["skipped"] for r in results)} finished shards; '
+          f'manifest {"written" if any(r["manifest"] for r in results) else "pending (other tasks still running)"}',
+          flush=True)
     return results
 
 if __name__ == '__main__':

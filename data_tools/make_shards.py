@@ -1,4 +1,4 @@
-"""Write a pixel dataset as WebDataset shards + manifest.parquet (format: cosim_dist/data.py).
+"""Write a pixel dataset as WebDataset shards + manifest.parquet (format: cosim_dist/shards.py).
 
 Sources:
     --source DIR        ImageNet layout: one sub-folder per class (sorted names -> labels 0..K-1); a folder with
@@ -26,7 +26,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from cosim_dist.data import DatasetInfo, ShardEntry, shard_name, write_manifest, write_shard
+from cosim_dist.shards import DatasetInfo, ShardEntry, shard_name, write_manifest, write_shard
 from cosim_dist.storage import StorageConfig, open_store
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
@@ -64,7 +64,8 @@ def _samples(images: Iterable[np.ndarray], labels: Sequence[int] | None) -> Iter
 def folder_dataset(root: pathlib.Path, resolution: int, seed: int, workers: int) -> tuple[DatasetInfo, Iterator[dict]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     files = lambda d: sorted(str(p) for p in d.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
-    items = [(f, c) for c, name in enumerate(classes) for f in files(root / name)] if classes else [(f, 0) for f in files(root)]
+    items = [(f, c) for c, name in enumerate(classes)
+             for f in files(root / name)] if classes else [(f, 0) for f in files(root)]
     if not items:
         raise ValueError(f'--source {root}: no images ({" ".join(IMAGE_SUFFIXES)}) found')
     paths, labels = zip(*(items[i] for i in np.random.default_rng(seed).permutation(len(items))))
@@ -86,15 +87,19 @@ def array_dataset(path: pathlib.Path, resolution: int, seed: int) -> tuple[Datas
     else:
         pick = lambda names: next((arrays[k] for k in names if k in arrays.files), None)
         images, labels = pick(('x', 'images', 'arr_0')), pick(('y', 'labels', 'arr_1'))
-    if images is None or images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
-        raise ValueError(f'--source {path}: need uint8 images [N, H, W, C] (C = 1 or 3) or [N, H, W] under x, images or arr_0, '
-                         f'got {None if images is None else (images.dtype, images.shape)}')
+    if (images is None or images.dtype != np.uint8 or images.ndim not in (3, 4)
+        or (images.ndim == 4 and images.shape[3] not in (1, 3))):
+        raise ValueError(f'--source {path}: need uint8 images [N, H, W, C] (C = 1 or 3) or [N, H, W] '
+                         f'under x, images or arr_0, got {None if images is None else (images.dtype, images.shape)}')
     if labels is not None and (labels.shape != images.shape[:1] or labels.min() < 0):
-        raise ValueError(f'--source {path}: labels must be non-negative integers [N={len(images)}], got {labels.dtype} {labels.shape}')
+        raise ValueError(f'--source {path}: labels must be non-negative integers [N={len(images)}], '
+                         f'got {labels.dtype} {labels.shape}')
     order = np.random.default_rng(seed).permutation(len(images))
     info = DatasetInfo(kind='pixels', resolution=resolution, channels=images.shape[3] if images.ndim == 4 else 1,
-                       label_count=0 if labels is None else int(labels.max()) + 1, extra={'source': str(path), 'seed': seed})
-    return info, _samples((_image_array(images[i], resolution) for i in order), None if labels is None else labels[order])
+                       label_count=0 if labels is None else int(labels.max()) + 1,
+                       extra={'source': str(path), 'seed': seed})
+    return info, _samples((_image_array(images[i], resolution) for i in order),
+                          None if labels is None else labels[order])
 
 #----------------------------------------------------------------------------
 # Writing.
@@ -116,7 +121,8 @@ def write_gmm_shards(world, n: int, out: str, *, seed: int = 0, samples_per_shar
     """Write `n` exact samples of `world` (a cosim_dist.toy.GMMWorld) drawn with torch.Generator seeded by `seed`:
     the shards hold exactly `world.sample(n, generator)` (drawn in chunks of samples_per_shard) as float32 pixels."""
     info = DatasetInfo(kind='pixels_float', resolution=world.shape[1], channels=world.shape[0],
-                       label_count=world.num_classes, extra={'source': 'gmm', 'gmm': dataclasses.asdict(world.cfg), 'seed': seed})
+                       label_count=world.num_classes,
+                       extra={'source': 'gmm', 'gmm': dataclasses.asdict(world.cfg), 'seed': seed})
     gen = torch.Generator().manual_seed(seed)
     chunks = (world.sample(min(samples_per_shard, n - start), gen) for start in range(0, n, samples_per_shard))
     pairs = ((x.numpy(), int(c)) for xs, cs in chunks for x, c in zip(xs, cs))

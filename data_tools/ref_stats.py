@@ -36,7 +36,7 @@ def folder_batches(root: pathlib.Path, resolution: int, batch: int, limit: int |
         yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 def shard_batches(url: str, batch: int, limit: int | None) -> Iterator[torch.Tensor]:
-    from cosim_dist.data import load_shard, read_manifest
+    from cosim_dist.shards import load_shard, read_manifest
     from cosim_dist.storage import open_store
     store = open_store(url)
     info, entries = read_manifest(store)
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_ref(args.out, {k: acc.moments() for k, acc in accs.items()})
     meta = {'source': args.data, 'num_images': next(iter(accs.values())).n, 'resolution': args.resolution,
-            'weights': {k: {'path': str(path), 'sha256': sha256_file(pathlib.Path(path))} for k, (_, path) in nets.items()}}
+            'weights': {k: {'path': str(path), 'sha256': sha256_file(pathlib.Path(path))}
+                        for k, (_, path) in nets.items()}}
     args.out.with_suffix('.json').write_text(json.dumps(meta, indent=2) + '\n')
     print(f'wrote {args.out} ({meta["num_images"]} images: {", ".join(nets)})')
     return 0

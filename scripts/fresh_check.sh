@@ -11,8 +11,8 @@ if [ $# -gt 0 ]; then isas=("$@"); else isas=(native AVX2); fi
 out=${FRESH_DIR:-/tmp/fresh}; mkdir -p "$out"
 commit=$(git -C "$repo" rev-parse --short HEAD)
 echo "fresh_check: commit $commit, CPU $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $runs run(s) x ${isas[*]}"
-for isa in "${isas[@]}"; do
-    for i in $(seq 1 "$runs"); do
+for i in $(seq 1 "$runs"); do
+    for isa in "${isas[@]}"; do
         dir=$(mktemp -d "$out/run-$isa-$i-XXXX")
         git clone -q "$repo" "$dir/repo" && cd "$dir/repo" || exit 1
         python3.11 -m venv "$dir/venv" && source "$dir/venv/bin/activate"

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 def load_helper(relpath: str):
-    """Import a helper module of tests/ by path (tests/ is not a package: pytest runs with --import-mode=importlib, and an
-    unrelated `tests` package may be installed in site-packages)."""
+    """Import a helper module of tests/ by path (tests/ is not a package: pytest runs with --import-mode=importlib, and
+    an unrelated `tests` package may be installed in site-packages)."""
     path = pathlib.Path(__file__).parent / relpath
     name = f'_cosim_tests_{path.stem}'
     if name not in sys.modules:
@@ -47,7 +47,8 @@ def slurm_cluster():
 @pytest.fixture(scope='session')
 def inception_weights(tmp_path_factory) -> pathlib.Path:
     """A Kaiming-initialised torch-fidelity Inception-V3 state dict with the official keys, as a .pth file."""
-    return load_helper('helpers/random_weights.py').write_inception(tmp_path_factory.mktemp('inception') / 'inception.pth')
+    return load_helper('helpers/random_weights.py').write_inception(tmp_path_factory.mktemp('inception')
+                                                                    / 'inception.pth')
 
 @pytest.fixture(scope='session')
 def dinov2_weights(tmp_path_factory) -> pathlib.Path:

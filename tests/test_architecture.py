@@ -72,7 +72,8 @@ def test_the_cycle_finder_finds_cycles():
     assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
     assert find_cycle({'a': {'b'}, 'b': set()}) is None
 
-@pytest.mark.parametrize('args', [['--help'], ['--dry-run'], ['--dry-run', 'model=edm2-l', 'data.path=s3://bucket/in512']])
+@pytest.mark.parametrize('args',
+                         [['--help'], ['--dry-run'], ['--dry-run', 'model=edm2-l', 'data.path=s3://bucket/in512']])
 def test_argument_parsing_does_not_import_torch(args):
     """`launch.py --help` and `--dry-run` parse and validate the config without torch (seconds saved on every call)."""
     probe = ('import runpy, sys; sys.argv = ["launch.py", *sys.argv[1:]]\n'
@@ -83,7 +84,8 @@ def test_argument_parsing_does_not_import_torch(args):
     assert out.stdout.strip().endswith('NO-TORCH')
 
 def test_no_module_over_the_line_limit():
-    long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {str(p.relative_to(ROOT)): n for p in modules().values()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f'modules over {MAX_LINES} lines: {long}'
 
 @pytest.mark.skipif(shutil.which('ruff') is None and not (pathlib.Path(sys.executable).parent / 'ruff').exists(),

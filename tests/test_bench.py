@@ -24,8 +24,8 @@ def tiny_config(tmp_path, arch: str, *args: str):
     """train.lr_aux=1e-2: the auxiliary's first Adam step moves it well away from the teacher, so that D_phi - D_psi in
     Eq. G1 is not a difference of nearly equal denoisers (conditioning <= ~6 instead of 15-220 at lr 1e-4)."""
     return load_config([f'model.arch={arch}', *TINY[arch], 'model.net.model_channels=16', 'model.net.dropout=0',
-                        'train.batch=8', 'train.lr_aux=1e-2', 'engine.backend=torch', 'logging.wandb=disabled', 'logging.progress=false',
-                        f'run.root={tmp_path}', 'run.device=cpu', *args])
+                        'train.batch=8', 'train.lr_aux=1e-2', 'engine.backend=torch', 'logging.wandb=disabled',
+                        'logging.progress=false', f'run.root={tmp_path}', 'run.device=cpu', *args])
 
 def random_teacher(cfg) -> torch.nn.Module:
     """Random weights with every gain away from 0 (EDM2 initialises some to 0, which would hide gradients)."""
@@ -59,7 +59,8 @@ def iteration_grads(cfg) -> tuple[tuple[float, float], dict[str, torch.Tensor], 
     m = cfg.model
     data = SyntheticStream((m.channels, m.resolution, m.resolution), m.label_dim, cfg.train.batch, m.sigma_data)
     build.prepare_run_dir(cfg)
-    trainer = build.build_trainer(cfg, random_teacher(cfg), torch.device('cpu'), data=data, checkpoints=False, timer=grab)
+    trainer = build.build_trainer(cfg, random_teacher(cfg), torch.device('cpu'), data=data, checkpoints=False,
+                                  timer=grab)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cosim, 'aux_loss', aux_loss)
         patch.setattr(cosim, 'generator_loss', generator_loss)
@@ -102,7 +103,8 @@ def test_bf16_keeps_losses_and_gradients(tmp_path, reference, arch):
     difference of two such outputs (Eq. A1: D_psi minus the blended target; Eq. G1: D_phi - D_psi), whose relative
     error is at most eps (|a| + |b|) / |a - b| <= eps (2 kappa + 1) with kappa = |a| / |a - b| from the fp32
     reference and eps the measured output error of (1); the backward pass adds another eps, inside the '+ 1'."""
-    ref, got = reference(arch), iteration_grads(tiny_config(tmp_path, arch, 'engine.precision=bf16', 'teacher.precision=bf16'))
+    ref, got = reference(arch), iteration_grads(tiny_config(tmp_path, arch, 'engine.precision=bf16',
+                                                            'teacher.precision=bf16'))
     (ref_losses, ref_grads, ref_seen), (losses, grads, seen) = ref, got
     eps = max(relative_error(seen[k], ref_seen[k]) for k in ('aux_D_psi', 'aux_D_phi', 'gen_D_phi', 'gen_D_psi'))
     assert eps <= 16 * BF16_U, (eps, 16 * BF16_U)
@@ -110,7 +112,8 @@ def test_bf16_keeps_losses_and_gradients(tmp_path, reference, arch):
     blended = (ref_seen['aux_target'] + lmbda * ref_seen['aux_D_phi']) / (1 + lmbda)
     kappa_aux = float(ref_seen['aux_D_psi'].norm() / (ref_seen['aux_D_psi'] - blended).norm())
     kappa_gen = float(ref_seen['gen_D_phi'].norm() / (ref_seen['gen_D_phi'] - ref_seen['gen_D_psi']).norm())
-    for name, a, b, kappa in (('loss/aux', losses[0], ref_losses[0], kappa_aux), ('loss/gen', losses[1], ref_losses[1], kappa_gen),
+    for name, a, b, kappa in (('loss/aux', losses[0], ref_losses[0], kappa_aux),
+                              ('loss/gen', losses[1], ref_losses[1], kappa_gen),
                               ('aux grad', grads['aux: optimiser'], ref_grads['aux: optimiser'], kappa_aux),
                               ('gen grad', grads['gen: optimiser'], ref_grads['gen: optimiser'], kappa_gen)):
         bound = eps * (2 * kappa + 1)
@@ -140,8 +143,10 @@ def test_compile_refuses_zero3(tmp_path):
 def test_bench_task_reports_phases_flops_and_memory(tmp_path):
     """FLOPs are counted, not assumed: doubling the batch doubles them; every phase of Eq. L1 is timed."""
     results = {}
-    for name, args in {4: ['train.batch=4'], 8: ['train.batch=8'], 'ckpt': ['train.batch=8', 'engine.checkpointing=true']}.items():
-        tasks.run(tiny_config(tmp_path, 'edm2', 'task=bench', *args, f'run.name=b{name}', 'bench.warmup=1', 'bench.iters=1'))
+    for name, args in {4: ['train.batch=4'], 8: ['train.batch=8'],
+                       'ckpt': ['train.batch=8', 'engine.checkpointing=true']}.items():
+        tasks.run(tiny_config(tmp_path, 'edm2', 'task=bench', *args, f'run.name=b{name}', 'bench.warmup=1',
+                              'bench.iters=1'))
         results[name] = json.loads((tmp_path / f'b{name}' / 'bench.json').read_text())
     r = results[8]
     assert set(r['ms_per_phase']) == {'aux: generator (no grad)', 'aux: teacher', 'aux: forward', 'aux: backward',

@@ -8,9 +8,9 @@ import torch
 
 from cosim_dist import build, tasks
 from cosim_dist.config import ConfigError, load_config
-from cosim_dist.data import DatasetInfo, shard_name, write_manifest, write_shard
 from cosim_dist.latents import latent_scale_bias
 from cosim_dist.nets import build_network
+from cosim_dist.shards import DatasetInfo, shard_name, write_manifest, write_shard
 from cosim_dist.storage import open_store
 from cosim_dist.teacher_io import load_snapshot, save_snapshot
 
@@ -61,10 +61,10 @@ def test_edm2_latent_training_run(tmp_path):
     teacher = tiny_edm2(dropout=0.3)
     save_snapshot(tmp_path / 'teacher.pt', teacher)
     cfg = load_config(['model=edm2-xs', 'task=train', f'data.path={tmp_path / "shards"}',
-                       f'model.teacher={tmp_path / "teacher.pt"}', *TINY, 'engine.backend=torch', 'engine.precision=fp32',
-                       'train.batch=8', 'train.batch_gpu=8', 'train.kimg=0.032', 'train.log_kimg=0.016',
-                       'train.checkpoint_kimg=0', 'logging.wandb=disabled', 'logging.progress=false',
-                       f'run.root={tmp_path}', 'run.name=edm2', 'run.device=cpu'])
+                       f'model.teacher={tmp_path / "teacher.pt"}', *TINY, 'engine.backend=torch',
+                       'engine.precision=fp32', 'train.batch=8', 'train.batch_gpu=8', 'train.kimg=0.032',
+                       'train.log_kimg=0.016', 'train.checkpoint_kimg=0', 'logging.wandb=disabled',
+                       'logging.progress=false', f'run.root={tmp_path}', 'run.name=edm2', 'run.device=cpu'])
     assert cfg.groups['data'] == 'imagenet512'
     tasks.run(cfg)
     G, _ = load_snapshot(tmp_path / 'edm2' / 'generator.pt')

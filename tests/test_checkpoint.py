@@ -83,7 +83,8 @@ def test_trainer_resumes_from_s3(s3_env, tmp_path):
     first.train()
     second = build.build_trainer(cfg, teacher, torch.device('cpu'))
     second.train()
-    straight = build.build_trainer(load_config(args + [f'checkpoint.url={tmp_path}/straight']), teacher, torch.device('cpu'))
+    straight = build.build_trainer(load_config(args + [f'checkpoint.url={tmp_path}/straight']), teacher,
+                                   torch.device('cpu'))
     straight.train()
     for a, b in zip(second.ema.parameters(), straight.ema.parameters()):
         assert torch.equal(a, b)

@@ -37,7 +37,8 @@ def test_defaults_groups_and_overrides():
     (['train.ema_halflife_kimg=-2'], 'train.ema_halflife_kimg=-2.0 must be >= 0'),
     (['checkpoint.keep=0'], 'checkpoint.keep=0 must be > 0'),
     (['schedule.sigma_max=0.001'], 'schedule.sigma_max=0.001 must exceed schedule.sigma_min=0.002'),
-    (['eval.samplers=[heun,euler]'], "eval.samplers=['heun', 'euler'] is invalid; give a non-empty list of: heun, dpm, cosim"),
+    (['eval.samplers=[heun,euler]'],
+     "eval.samplers=['heun', 'euler'] is invalid; give a non-empty list of: heun, dpm, cosim"),
     (['eval.metrics=[]'], 'eval.metrics=[] is invalid; give a non-empty list of: inception, dinov2'),
     (['positional'], "cannot parse argument 'positional'"),
 ])
@@ -72,7 +73,8 @@ def error_lines(out: subprocess.CompletedProcess) -> list[str]:
 def test_launch_errors_are_one_line(tmp_path):
     [line] = error_lines(run_launch('trian.kimg=3'))
     assert "unknown config key 'trian'" in line
-    [line] = error_lines(run_launch(f'model.teacher={tmp_path}/missing.pkl', f'run.root={tmp_path}', 'logging.wandb=disabled'))
+    [line] = error_lines(run_launch(f'model.teacher={tmp_path}/missing.pkl', f'run.root={tmp_path}',
+                                    'logging.wandb=disabled'))
     assert 'missing.pkl does not exist' in line and 'model.teacher=' in line
     blocked = tmp_path / 'file'
     blocked.write_text('')

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cosim_dist.data import DatasetInfo, ShardStream, shard_name, verify_manifest, write_manifest, write_shard
+from cosim_dist.data import ShardStream
+from cosim_dist.shards import DatasetInfo, shard_name, verify_manifest, write_manifest, write_shard
 from cosim_dist.storage import open_store
 
 SHARDS, PER_SHARD, CLASSES = 8, 12, 5
@@ -16,7 +17,8 @@ N = SHARDS * PER_SHARD
 
 def _write(url: str, info: DatasetInfo, make) -> None:
     store, rng = open_store(url), np.random.default_rng(0)
-    entries = [write_shard(store, shard_name(s), [make(rng, f'{s * PER_SHARD + i:08d}') for i in range(PER_SHARD)], info)
+    entries = [write_shard(store, shard_name(s),
+                           [make(rng, f'{s * PER_SHARD + i:08d}') for i in range(PER_SHARD)], info)
                for s in range(SHARDS)]
     write_manifest(store, info, entries)
 
@@ -27,7 +29,8 @@ def latents(tmp_path_factory) -> str:
     info = DatasetInfo(kind='latents', resolution=8, channels=4, label_count=CLASSES, latent_scale=[0.5, 1, 2, 1],
                        latent_bias=[0, 1, 0, -1])
     _write(url, info, lambda rng, key: {'__key__': key, 'mean.npy': rng.standard_normal((4, 8, 8)).astype(np.float16),
-                                        'std.npy': rng.uniform(0.1, 1, (4, 8, 8)).astype(np.float16), 'cls': int(rng.integers(CLASSES))})
+                                        'std.npy': rng.uniform(0.1, 1, (4, 8, 8)).astype(np.float16),
+                                        'cls': int(rng.integers(CLASSES))})
     return url
 
 def _take(stream: ShardStream, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -45,22 +48,26 @@ def _assert_same(a, b) -> None:
 
 def test_batches_and_pixel_mapping(tmp_path):
     info = DatasetInfo(kind='pixels', resolution=4, channels=3, label_count=0)
-    _write(str(tmp_path), info, lambda rng, key: {'__key__': key, 'x.npy': np.full((3, 4, 4), int(key) % 256, np.uint8)})
+    _write(str(tmp_path), info,
+           lambda rng, key: {'__key__': key, 'x.npy': np.full((3, 4, 4), int(key) % 256, np.uint8)})
     stream = ShardStream(tmp_path, batch_size=N, num_workers=0)
     x0, c = stream.next_batch()
     assert x0.dtype == torch.float32 and x0.shape == (N, 3, 4, 4) and c.shape == (N, 0) and stream.label_dim == 0
-    assert torch.equal(x0[:, 0, 0, 0].sort().values, torch.arange(N) / 127.5 - 1) # one epoch: every sample once, x/127.5 - 1
+    # one epoch: every sample once, x/127.5 - 1
+    assert torch.equal(x0[:, 0, 0, 0].sort().values, torch.arange(N) / 127.5 - 1)
 
 def test_latent_resampling(latents):
     x0, c = ShardStream(latents, batch_size=6, num_workers=0).next_batch()
     assert x0.shape == (6, 4, 8, 8) and c.shape == (6, CLASSES) and (c.sum(1) == 1).all()
     # x0 = (mean + std*n)*scale + bias: with std = 0 it is exactly mean*scale + bias.
-    info = DatasetInfo(kind='latents', resolution=2, channels=2, label_count=0, latent_scale=[2, 3], latent_bias=[1, -1])
+    info = DatasetInfo(kind='latents', resolution=2, channels=2, label_count=0, latent_scale=[2, 3],
+                       latent_bias=[1, -1])
     url = f'{latents}-std0'
     mean = np.arange(8, dtype=np.float16).reshape(2, 2, 2)
     _write(url, info, lambda rng, key: {'__key__': key, 'mean.npy': mean, 'std.npy': np.zeros_like(mean)})
     x0, _ = ShardStream(url, batch_size=2).next_batch()
-    want = torch.tensor(mean, dtype=torch.float32) * torch.tensor([2., 3]).view(2, 1, 1) + torch.tensor([1., -1]).view(2, 1, 1)
+    want = (torch.tensor(mean, dtype=torch.float32) * torch.tensor([2., 3]).view(2, 1, 1)
+            + torch.tensor([1., -1]).view(2, 1, 1))
     assert torch.equal(x0[0], want) and torch.equal(x0[1], want)
 
 @pytest.mark.parametrize('workers', [0, 2])

@@ -5,7 +5,8 @@ import pytest
 from cosim_dist.distributed import DistEnv, DistributedEnvError, discover, first_host
 
 TORCHRUN = dict(RANK='1', WORLD_SIZE='4', LOCAL_RANK='1', MASTER_ADDR='node1', MASTER_PORT='29511')
-SLURM = dict(SLURM_PROCID='5', SLURM_NTASKS='8', SLURM_LOCALID='1', SLURM_JOB_NODELIST='gpu[007-009,012]', SLURM_JOB_ID='4242')
+SLURM = dict(SLURM_PROCID='5', SLURM_NTASKS='8', SLURM_LOCALID='1', SLURM_JOB_NODELIST='gpu[007-009,012]',
+             SLURM_JOB_ID='4242')
 
 def test_single_process_by_default():
     assert discover({}) == DistEnv()

@@ -24,7 +24,8 @@ def root(tmp_path_factory):
 
 def launch(root, name, *args, nproc=1):
     cmd = LAUNCH + ([f'--nproc={nproc}'] if nproc > 1 else []) + [f'run.root={root}', f'run.name={name}', *BASE, *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300, env={'OMP_NUM_THREADS': '1', **_env()})
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300,
+                         env={'OMP_NUM_THREADS': '1', **_env()})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 
@@ -36,7 +37,8 @@ def generator(root, name):
     return torch.load(root / name / 'generator.pt', weights_only=True)['state_dict']
 
 def losses(root, name):
-    return [(r['nimg'], r['loss/aux'], r['loss/gen']) for r in map(json.loads, (root / name / 'train.jsonl').read_text().splitlines())]
+    return [(r['nimg'], r['loss/aux'], r['loss/gen'])
+            for r in map(json.loads, (root / name / 'train.jsonl').read_text().splitlines())]
 
 def assert_close(a, b, **tol):
     assert a.keys() == b.keys()
@@ -53,7 +55,8 @@ def probe_grads(root, name, *args, nproc):
     out = root / f'{name}.pt'
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
            f'--master_port={free_port()}', str(PROBE), str(out), f'run.root={root}', f'run.name={name}', *BASE, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300, env={**_env(), 'OMP_NUM_THREADS': '1'})
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300,
+                          env={**_env(), 'OMP_NUM_THREADS': '1'})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return torch.load(out, weights_only=True)
 

@@ -33,7 +33,8 @@ def test_roundtrip(store, tmp_path):
     assert store.list('a/') == ['a/b/y.bin']
 
 def test_missing_keys_raise_file_not_found(store, tmp_path):
-    for call in (lambda: store.read('nope'), lambda: store.open('nope'), lambda: store.get_file('nope', tmp_path / 'x')):
+    for call in (lambda: store.read('nope'), lambda: store.open('nope'),
+                 lambda: store.get_file('nope', tmp_path / 'x')):
         with pytest.raises(FileNotFoundError, match='nope'):
             call()
     assert not (tmp_path / 'x').exists()

@@ -54,7 +54,8 @@ class OfficialPickler(pickle.Pickler):
 
 @contextlib.contextmanager
 def nvidia_modules():
-    modules = {name: types.ModuleType(name) for name in ('torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util')}
+    modules = {name: types.ModuleType(name)
+               for name in ('torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util')}
     modules['torch_utils.persistence']._reconstruct_persistent_obj = _reconstruct_persistent_obj
     modules['dnnlib.util'].EasyDict = EasyDict
     _reconstruct_persistent_obj.__module__, EasyDict.__module__ = 'torch_utils.persistence', 'dnnlib.util'
@@ -133,7 +134,8 @@ def test_forbidden_global_is_refused_and_never_runs(tmp_path):
         def __reduce__(self):
             return os.system, (f'touch {marker}',)
     (tmp_path / 'evil.pkl').write_bytes(pickle.dumps(dict(ema=Exploit())))
-    with pytest.raises(pickle.UnpicklingError, match=rf'{os.system.__module__}\.system: not in the teacher_io allow-list'):
+    with pytest.raises(pickle.UnpicklingError,
+                       match=rf'{os.system.__module__}\.system: not in the teacher_io allow-list'):
         teacher_io.load_network(tmp_path / 'evil.pkl')
     assert not marker.exists()
 

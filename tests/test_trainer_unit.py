@@ -67,7 +67,8 @@ class RecordingCheckpointer:
 
 def tiny_net(seed: int):
     torch.manual_seed(seed)
-    return build_network('toy', img_resolution=RES, img_channels=CH, label_dim=LABELS, model_channels=8, channel_mult=[1])
+    return build_network('toy', img_resolution=RES, img_channels=CH, label_dim=LABELS, model_channels=8,
+                         channel_mult=[1])
 
 def make_trainer(tmp_path: pathlib.Path, name: str, *, init_seed: int = 1, lmbda: float = 1.0, batch_gpu: int = BATCH,
                  checkpoint_kimg: float = 0.008, stream: CounterStream | None = None, **kwargs) -> Trainer:
@@ -132,7 +133,8 @@ def test_resume_restores_stream_and_matches_an_uninterrupted_run(tmp_path):
     first = make_trainer(tmp_path, 'first', checkpoint_kimg=0, should_stop=stop_after(3))
     first.train()
     resumed = make_trainer(tmp_path, 'second', init_seed=2,
-                           checkpointer=RecordingCheckpointer(tmp_path / 'second', resume=first.checkpointer.commits[12]))
+                           checkpointer=RecordingCheckpointer(tmp_path / 'second',
+                                                              resume=first.checkpointer.commits[12]))
     assert resumed.load_checkpoint() and resumed.state.nimg == 12 and resumed.data.count == 6
     assert resumed.train().nimg == ITERS * BATCH and resumed.data.count == straight.data.count
     calls = resumed.checkpointer.calls                 # (the checkpoint interval restarts at the resume point)
@@ -181,7 +183,8 @@ def test_resume_with_a_different_config_names_the_key(tmp_path):
     first = make_trainer(tmp_path, 'first', checkpoint_kimg=0, should_stop=stop_after(1))
     first.train()
     changed = make_trainer(tmp_path, 'second', lmbda=2.0,
-                           checkpointer=RecordingCheckpointer(tmp_path / 'second', resume=first.checkpointer.commits[4]))
+                           checkpointer=RecordingCheckpointer(tmp_path / 'second',
+                                                              resume=first.checkpointer.commits[4]))
     with pytest.raises(ConfigError, match=r'loss\.lmbda: 1\.0 in the checkpoint, 2\.0 now'):
         changed.train()
     assert changed.checkpointer.calls == []

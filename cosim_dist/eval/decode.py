@@ -54,6 +54,6 @@ def make_decoder(channels: int, vae_path: str | None, device: torch.device, batc
     if channels == 3:
         return pixels_to_uint8
     if vae_path is None:
-        raise FileNotFoundError(f'the network outputs {channels}-channel latents, so evaluation needs the VAE: download '
-                                f'stabilityai/sd-vae-ft-mse and pass its local directory as eval.vae=DIR')
+        raise FileNotFoundError(f'the network outputs {channels}-channel latents, so evaluation needs the VAE: '
+                                f'download stabilityai/sd-vae-ft-mse and pass its local directory as eval.vae=DIR')
     return LatentDecoder(load_vae(vae_path, device), raw_mean or SD_VAE_RAW_MEAN, raw_std or SD_VAE_RAW_STD, batch)

@@ -130,7 +130,8 @@ class DinoFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f'DINOv2 features need uint8 RGB images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}')
+            raise ValueError(f'DINOv2 features need uint8 RGB images [N, 3, H, W], '
+                             f'got {images.dtype} {tuple(images.shape)}')
         x = F.interpolate(images.float(), size=(224, 224), mode='bicubic', antialias=True) / 255
         return self.net((x - self.mean) / self.std).float()
 
@@ -139,5 +140,6 @@ def dinov2_vitl14(path: str | pathlib.Path | None) -> DinoFeatures:
     net = DinoV2()
     missing, unexpected = net.load_state_dict(load_state_dict(path), strict=False)
     if missing or unexpected:
-        raise ValueError(f'{path} is not a DINOv2 ViT-L/14 checkpoint: missing {missing[:5]}, unexpected {unexpected[:5]}')
+        raise ValueError(f'{path} is not a DINOv2 ViT-L/14 checkpoint: '
+                         f'missing {missing[:5]}, unexpected {unexpected[:5]}')
     return DinoFeatures(net)

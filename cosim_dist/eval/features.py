@@ -64,8 +64,8 @@ def reference_stats(path: str | None, metrics: list[FeatureMetric]) -> dict[str,
     out = {}
     for m in metrics:
         if m.kind.ref_key not in ref:
-            raise ValueError(f'reference {path} has no {m.kind.ref_key!r} statistics (it has {sorted(ref)}): compute them '
-                             f'with data_tools/ref_stats.py or drop {m.info["extractor"]} from eval.metrics')
+            raise ValueError(f'reference {path} has no {m.kind.ref_key!r} statistics (it has {sorted(ref)}): compute '
+                             f'them with data_tools/ref_stats.py or drop {m.info["extractor"]} from eval.metrics')
         mu, sigma = ref[m.kind.ref_key]
         if mu.shape != (m.kind.dim,):
             raise ValueError(f'reference {path}: {m.kind.ref_key} statistics have shape {mu.shape}, '

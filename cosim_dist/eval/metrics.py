@@ -26,7 +26,8 @@ class MomentAccumulator:
         if not torch.distributed.is_initialized():
             return
         device = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
-        flat = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum, self.outer.flatten()]).to(device)
+        flat = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum,
+                          self.outer.flatten()]).to(device)
         torch.distributed.all_reduce(flat)
         flat = flat.cpu()
         d = len(self.sum)
@@ -37,7 +38,8 @@ class MomentAccumulator:
 
     def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
         if state['sum'].shape != self.sum.shape:
-            raise ValueError(f'moment state of dimension {state["sum"].shape[0]} does not fit dimension {self.sum.shape[0]}')
+            raise ValueError(f'moment state of dimension {state["sum"].shape[0]} '
+                             f'does not fit dimension {self.sum.shape[0]}')
         self.n, self.sum, self.outer = int(state['n']), state['sum'].to(torch.float64), state['outer'].to(torch.float64)
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,8 @@ def _solver_grid(num_points: int, noise: cosim.NoiseRange) -> list[float]:
 
 def heun_spec(teacher: torch.nn.Module, num_steps: int, noise: cosim.NoiseRange) -> SamplerSpec:
     return SamplerSpec(f'teacher Heun (N={num_steps})', 2 * num_steps - 1, 0,
-                       lambda z, c, _: cosim.heun_sample(teacher, z, c, num_steps, noise), _solver_grid(num_steps, noise))
+                       lambda z, c, _: cosim.heun_sample(teacher, z, c, num_steps, noise),
+                       _solver_grid(num_steps, noise))
 
 def dpm_spec(teacher: torch.nn.Module, nfe: int, noise: cosim.NoiseRange) -> SamplerSpec:
     return SamplerSpec(f'teacher DPM-Solver++(2M) (N={nfe})', nfe, 0,
@@ -54,7 +55,8 @@ def generate(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], label_dim:
              device: torch.device, on_batch: Callable[[torch.Tensor], None]) -> None:
     """Run a sampler over `seeds` in batches and hand every batch of images to `on_batch`."""
     for start in range(seeds.start, seeds.stop, batch):
-        z, c, noise = seeded_inputs(range(start, min(start + batch, seeds.stop)), shape, label_dim, spec.extra_draws, device)
+        z, c, noise = seeded_inputs(range(start, min(start + batch, seeds.stop)), shape, label_dim,
+                                    spec.extra_draws, device)
         on_batch(spec.fn(z, c, noise))
 
 def rank_seeds(seeds: range, rank: int, world_size: int) -> range:

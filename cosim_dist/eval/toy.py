@@ -37,7 +37,8 @@ def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, devi
     logger.start(e.num_samples * (len(specs) + 1), 0, 'evaluate')
     exact = exact_moments(world, e.num_samples, e.seed, e.batch)
     logger.advance(e.num_samples)
-    rows = [{'name': 'exact samples (noise floor)', 'nfe': 0, 'frechet_distance': frechet_to_reference(exact, ref_mu, ref_sigma)}]
+    rows = [{'name': 'exact samples (noise floor)', 'nfe': 0,
+             'frechet_distance': frechet_to_reference(exact, ref_mu, ref_sigma)}]
     seeds = range(e.seed, e.seed + e.num_samples)
     for spec in specs:
         rows.append({'name': spec.name, 'nfe': spec.nfe, 'frechet_distance': fd(spec, seeds, logger.advance)})

@@ -74,7 +74,8 @@ class GroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, self.groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
-def positional_embedding(x: torch.Tensor, channels: int, endpoint: bool = False, sin_first: bool = False) -> torch.Tensor:
+def positional_embedding(x: torch.Tensor, channels: int, endpoint: bool = False,
+                         sin_first: bool = False) -> torch.Tensor:
     """Transformer timestep features [cos(x w_j), sin(x w_j)], w_j = 10^(-4 j / (channels/2 - endpoint)), j < channels/2
     (DDPM++ uses endpoint=True and swaps the halves)."""
     half = channels // 2
@@ -137,8 +138,9 @@ class UNetBlock(nn.Module):
 
 BlockFactory = Callable[..., nn.Module]  # block(cin, cout, flavor 'enc' | 'dec', resample_mode=..., attention=...)
 
-def build_levels(img_resolution: int, conv: nn.Module, widths: list[int], num_blocks: int, attn_resolutions: Sequence[int],
-                 block: BlockFactory, dec_attn_last_only: bool = False) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+def build_levels(img_resolution: int, conv: nn.Module, widths: list[int], num_blocks: int,
+                 attn_resolutions: Sequence[int], block: BlockFactory,
+                 dec_attn_last_only: bool = False) -> tuple[nn.ModuleDict, nn.ModuleDict]:
     """Encoder: '{r}x{r}_conv' (level 0) or '_down', then '_block0..{num_blocks-1}'. Decoder, lowest level first:
     '_in0' (attention), '_in1' at the lowest level, else '_up', then '_block0..{num_blocks}', each fed a skip."""
     enc, dec, cout = nn.ModuleDict(), nn.ModuleDict(), conv.out_channels
@@ -206,7 +208,8 @@ class EDMUNet(nn.Module):
         return positional_embedding(c_noise, self.noise_channels, endpoint=self.endpoint, sin_first=self.sin_first)
 
     def mapping(self, features: torch.Tensor, c_noise_t: torch.Tensor | None) -> torch.Tensor:
-        """map_layer1(silu(map_layer0(features))) [+ g * map_layer1_t(silu(map_layer0_t(noise_features(c_noise_t))))]."""
+        """map_layer1(silu(map_layer0(features)))
+        [+ g * map_layer1_t(silu(map_layer0_t(noise_features(c_noise_t))))]."""
         emb = self.map_layer1(F.silu(self.map_layer0(features)))
         if c_noise_t is None:
             return emb
@@ -225,8 +228,8 @@ class SongUNet(EDMUNet):
         super().__init__(model_channels, emb_channels, aux_t_embed, endpoint=True, sin_first=True)
         self.map_label = Linear(label_dim, model_channels) if label_dim else None
         self.map_augment = Linear(augment_dim, model_channels, bias=False) if augment_dim else None
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-                            resample_proj=True, adaptive_scale=False)
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
+                            eps=1e-6, resample_proj=True, adaptive_scale=False)
         self.enc, self.dec = build_levels(img_resolution, Conv2d(img_channels, model_channels, 3),
                                           [model_channels * m for m in channel_mult], num_blocks, attn_resolutions,
                                           lambda cin, cout, flavor, **kw: UNetBlock(cin, cout, **kw, **block_kwargs),

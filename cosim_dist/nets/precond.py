@@ -10,7 +10,8 @@ from .aux import T_EMBED_MODES
 #   c_skip = sd^2 / (s^2 + sd^2), c_out = s*sd / sqrt(s^2 + sd^2),
 #   c_in = 1 / sqrt(s^2 + sd^2), c_noise = ln(s) / 4.
 
-def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def edm_coefficients(sigma: torch.Tensor,
+                     sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """EDM preconditioning (c_skip, c_out, c_in, c_noise) for a sigma tensor of any shape."""
     sigma = sigma.to(torch.float32)
     var = sigma ** 2 + sigma_data ** 2
@@ -71,7 +72,8 @@ class Precond(nn.Module):
             raise ValueError('sigma_t is required by auxiliary networks (aux_t_embed set) and refused by others')
         x = x.to(torch.float32)
         c_skip, c_out, c_in, c_noise = edm_coefficients(as_batch_sigma(sigma, x), self.sigma_data)
-        c_noise_t = None if sigma_t is None else edm_coefficients(as_batch_sigma(sigma_t, x), self.sigma_data)[3].flatten()
+        c_noise_t = None if sigma_t is None else edm_coefficients(as_batch_sigma(sigma_t, x),
+                                                                  self.sigma_data)[3].flatten()
         if not self.label_dim:
             class_labels = None
         elif class_labels is None:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cosim_dist.data import ShardStream, load_shard, read_manifest, verify_manifest
+from cosim_dist.data import ShardStream
 from cosim_dist.latents import latent_scale_bias
+from cosim_dist.shards import load_shard, read_manifest, verify_manifest
 from cosim_dist.storage import open_store
 from data_tools.encode_latents import EncodeConfig, main, run_task
 from data_tools.make_shards import main as make_shards
@@ -37,7 +38,8 @@ def _wait_for(path: pathlib.Path, proc: subprocess.Popen, timeout: float = 120) 
 
 @pytest.mark.slow
 def test_killed_task_rerun_completes_without_redoing(tmp_path, tiny_vae, pixels):
-    out, args = tmp_path / 'latents', ['--source', pixels, '--vae', tiny_vae, '--tasks', '2', '--batch', '3', '--dtype', 'fp32']
+    out, args = tmp_path / 'latents', ['--source', pixels, '--vae', tiny_vae, '--tasks', '2', '--batch', '3',
+                                       '--dtype', 'fp32']
     args += ['--out', str(out)]
     # Task 1 owns shards 1, 3, 5. Make its second input shard a FIFO so that the task blocks there, deterministically
     # after finishing shard 1, and kill it in that state.
@@ -46,13 +48,15 @@ def test_killed_task_rerun_completes_without_redoing(tmp_path, tiny_vae, pixels)
     blocked.unlink()
     os.mkfifo(blocked)
     proc = subprocess.Popen([sys.executable, '-m', 'data_tools.encode_latents', *args, '--task', '1'], cwd=REPO,
-                            env=os.environ | {'PYTHONPATH': str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=os.environ | {'PYTHONPATH': str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _wait_for(out / '_entries' / 'shard-000001.tar.json', proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     blocked.unlink()
     blocked.write_bytes(content)
-    assert sorted(p.name for p in out.iterdir()) == ['_entries', 'shard-000001.tar'] # no manifest, nothing else finished
+    # no manifest, nothing else finished
+    assert sorted(p.name for p in out.iterdir()) == ['_entries', 'shard-000001.tar']
     (out / 'shard-000005.tar').write_bytes(b'a shard without an entry, as left by a task killed before writing it')
     before = (out / 'shard-000001.tar').stat()
 
@@ -65,7 +69,8 @@ def test_killed_task_rerun_completes_without_redoing(tmp_path, tiny_vae, pixels)
     scale, bias = latent_scale_bias((5.81, 3.25, 0.12, -2.15), (4.17, 4.62, 3.71, 3.28))
     assert (info.kind, info.resolution, info.channels, info.label_count) == ('latents', 16, 4, 3)
     assert info.latent_scale == scale and info.latent_bias == bias and info.extra['pixel_resolution'] == 32
-    assert [e.samples for e in entries] == [4] * 6 and np.sum([e.class_hist for e in entries], axis=0).tolist() == [8, 8, 8]
+    assert ([e.samples for e in entries] == [4] * 6
+            and np.sum([e.class_hist for e in entries], axis=0).tolist() == [8, 8, 8])
 
     # The stored moments are those of the VAE posterior for pixels x/255.
     from diffusers import AutoencoderKL
@@ -84,7 +89,8 @@ def test_killed_task_rerun_completes_without_redoing(tmp_path, tiny_vae, pixels)
 
     # A further run finds everything done, and the loader serves the latents.
     cfg = EncodeConfig(source=pixels, out=str(out), vae=tiny_vae, tasks=2)
-    assert run_task(cfg, 0) | {'seconds': 0} == {'task': 0, 'encoded': 0, 'skipped': 3, 'images': 0, 'seconds': 0, 'manifest': True}
+    assert run_task(cfg, 0) | {'seconds': 0} == {'task': 0, 'encoded': 0, 'skipped': 3, 'images': 0, 'seconds': 0,
+                                                 'manifest': True}
     x0, c = ShardStream(out, batch_size=6, num_workers=0).next_batch()
     assert x0.shape == (6, 4, 16, 16) and c.shape == (6, 3) and torch.isfinite(x0).all()
 

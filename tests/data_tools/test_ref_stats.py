@@ -25,7 +25,8 @@ def test_ref_stats_of_an_image_folder(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(5):
         (tmp_path / 'imgs' / f'c{i % 2}').mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / 'imgs' / f'c{i % 2}' / f'{i}.png')
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3),
+                                     dtype=np.uint8)).save(tmp_path / 'imgs' / f'c{i % 2}' / f'{i}.png')
     assert ref_stats.main(['--data', str(tmp_path / 'imgs'), '--out', str(tmp_path / 'ref.pkl'),
                            '--dinov2-weights', str(tmp_path / 'dino.pth'), '--resolution', '32', '--batch', '2']) == 0
     ref = load_ref(tmp_path / 'ref.pkl')

@@ -47,8 +47,8 @@ def dummy_ref(tmp_path_factory) -> str:
 def eval_args(root: pathlib.Path, name: str, generator: str, ref: str, weights: pathlib.Path, *extra: str) -> list[str]:
     return [f'run.root={root}', f'run.name={name}', 'task=eval', 'run.device=cpu', 'model.arch=songunet',
             f'eval.generator={generator}', 'eval.samplers=[cosim]', 'eval.steps=[1,2]', 'eval.metrics=[inception]',
-            f'eval.inception_weights={weights}', f'eval.ref={ref}', 'eval.num_samples=12', 'eval.batch=4', 'eval.chunk=6',
-            'logging.wandb=disabled', 'logging.progress=false', *extra]
+            f'eval.inception_weights={weights}', f'eval.ref={ref}', 'eval.num_samples=12', 'eval.batch=4',
+            'eval.chunk=6', 'logging.wandb=disabled', 'logging.progress=false', *extra]
 
 def run_eval(args: list[str], should_stop=lambda: False) -> list[dict] | None:
     return tasks.run(load_config(args), should_stop=should_stop)
@@ -68,9 +68,11 @@ def test_eval_json_records_weights_reference_seeds_and_grid(tmp_path, nets, dumm
     assert json.loads((tmp_path / 'j' / 'eval.json').read_text()) == rows and len(rows) == 1
     row, meta = rows[0], rows[0]['metrics']['fd_inception']           # random weights: never called FID
     assert 'fid' not in row and row['fd_inception'] > 0 and meta['official_weights'] is False
-    assert meta['weights_sha256'] == sha256_file(inception_weights) and meta['reference_sha256'] == sha256_file(dummy_ref)
+    assert (meta['weights_sha256'] == sha256_file(inception_weights)
+            and meta['reference_sha256'] == sha256_file(dummy_ref))
     assert meta['reference'] == dummy_ref and 'bilinear' in meta['resize'] and meta['features'] == 2048
-    assert (row['name'], row['num_images'], row['seeds'], row['nfe'], len(row['grid'])) == ('CoSIM K=2', 4, [5, 8], 2, 2)
+    assert (row['name'], row['num_images'], row['seeds'], row['nfe'],
+            len(row['grid'])) == ('CoSIM K=2', 4, [5, 8], 2, 2)
     assert row['network'] == {'path': nets['g1'], 'sha256': sha256_file(nets['g1'])}
     pngs = next((tmp_path / 'png').iterdir())
     assert sorted(p.name for p in (pngs / '000000').iterdir()) == [f'{i:06d}.png' for i in range(5, 9)]
@@ -173,5 +175,5 @@ def test_launch_reports_a_missing_reference_in_one_line(tmp_path, nets, inceptio
     out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), *args], capture_output=True, text=True)
     assert out.returncode == 2 and 'Traceback' not in out.stderr
     assert [line for line in out.stderr.splitlines() if line.startswith('error:')] == [
-        f'error: reference statistics {tmp_path}/refs/img512.pkl do not exist: compute them with data_tools/ref_stats.py '
-        f'or download EDM2\'s dataset-refs/img512.pkl']
+        f'error: reference statistics {tmp_path}/refs/img512.pkl do not exist: '
+        f'compute them with data_tools/ref_stats.py or download EDM2\'s dataset-refs/img512.pkl']

@@ -34,7 +34,8 @@ def test_moments_do_not_depend_on_batch_size():
 @pytest.mark.slow
 def test_two_ranks_give_the_same_table_as_one(tmp_path):
     args = [f'run.root={tmp_path}', 'run.name=ev', 'task=eval', 'pretrain.kimg=0.5', 'model.net.model_channels=16',
-            'eval.num_samples=600', 'eval.heun_steps=3', 'eval.batch=64', 'logging.wandb=disabled', 'logging.progress=false']
+            'eval.num_samples=600', 'eval.heun_steps=3', 'eval.batch=64', 'logging.wandb=disabled',
+            'logging.progress=false']
     cfg = load_config(args)
     build.prepare_run_dir(cfg)
     teacher = build.get_teacher(cfg, torch.device('cpu'))

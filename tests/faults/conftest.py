@@ -15,7 +15,8 @@ RECORDS: list[Trial] = []
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """In-process training on one thread, as the launched runs (OMP_NUM_THREADS=1): 2 shared cores oversubscribe easily."""
+    """In-process training on one thread, as the launched runs (OMP_NUM_THREADS=1):
+    2 shared cores oversubscribe easily."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

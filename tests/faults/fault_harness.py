@@ -86,7 +86,8 @@ def start(root: pathlib.Path, name: str, *extra: str, env: dict[str, str] | None
     jsonl = root / name / 'train.jsonl'
     offset = jsonl.stat().st_size if jsonl.exists() else 0
     with open(log, 'wb') as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / 'launch.py'), f'run.root={root}', f'run.name={name}', *ARGS, *extra],
+        proc = subprocess.Popen([sys.executable, str(REPO / 'launch.py'), f'run.root={root}', f'run.name={name}',
+                                 *ARGS, *extra],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=root,
                                 env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
     return Run(root, name, proc, log, offset)
@@ -105,7 +106,8 @@ def verify(store: ObjectStore, nimg: int) -> bool:
     try:
         manifest = json.loads(store.read(f'{step_prefix(nimg)}/manifest.json'))
         return bool(manifest['files']) and all(len(data := store.read(e['key'])) == e['size']
-                                               and hashlib.sha256(data).hexdigest() == e['sha256'] for e in manifest['files'])
+                                               and hashlib.sha256(data).hexdigest() == e['sha256']
+                                               for e in manifest['files'])
     except (FileNotFoundError, KeyError, ValueError):
         return False
 
@@ -151,7 +153,8 @@ def in_staging(store: ObjectStore) -> Phase:
     """The engines are writing a checkpoint into the rank-local staging directory; nothing of it is uploaded."""
     def test(run: Run) -> bool:
         for nimg in staged_steps(run):
-            if any((run.dir / 'staging' / 'stage-rank0' / step_prefix(nimg)).rglob('*.pt')) and not keys_of(store, nimg):
+            if (any((run.dir / 'staging' / 'stage-rank0' / step_prefix(nimg)).rglob('*.pt'))
+                and not keys_of(store, nimg)):
                 return True
         return False
     return test
@@ -179,7 +182,8 @@ def staged_steps(run: Run) -> list[int]:
     """Steps this launch is staging (a killed launch's leftovers are older than this one)."""
     staging = run.dir / 'staging' / 'stage-rank0'
     try:
-        return [step_of(p) for p in os.listdir(staging) if STEP.match(p) and (staging / p).stat().st_mtime >= run.started]
+        return [step_of(p) for p in os.listdir(staging) if STEP.match(p)
+                and (staging / p).stat().st_mtime >= run.started]
     except OSError:
         return []
 
@@ -205,7 +209,8 @@ def strike(run: Run, phase: Phase, sig: int, skip: int = 0, timeout: float = TIM
                 hits += 1
         finally:
             os.kill(run.proc.pid, signal.SIGCONT)
-        while holds(phase, run) and run.proc.poll() is None and time.monotonic() < deadline:    # let this occurrence pass
+        # let this occurrence pass
+        while holds(phase, run) and run.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
     return False
 
@@ -225,7 +230,8 @@ class Hit:
     steps: list[int]                        # committed steps after the interruption
     bad: list[int]                          # committed steps that fail verification (a partial commit)
     announced: int                          # the newest step any launch so far reported committed
-    progress: int                           # images done when the interrupted launch ended (its resume point if no step)
+    # images done when the interrupted launch ended (its resume point if no step)
+    progress: int
     resumed_ok: bool = False                # the next launch resumed from the newest verified commit
 
     @property

@@ -21,7 +21,8 @@ from collections import Counter
 from collections.abc import Callable
 
 KINDS = ('500', '503', 'reset', 'reset-after', 'truncate')
-XML = '<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected by the fault proxy</Message></Error>'
+XML = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+       '<Message>injected by the fault proxy</Message></Error>')
 
 @dataclasses.dataclass
 class FaultPlan:
@@ -125,8 +126,10 @@ class _Server(http.server.ThreadingHTTPServer):
         with self.lock:
             self.counts['requests'] += 1
             fault = None
-            if self.plan.only(method, path) and (self.plan.limit is None or sum(self.counts[k] for k in KINDS) < self.plan.limit):
-                fault = self.plan.blackout or (self.rng.choice(self.plan.kinds) if self.rng.random() < self.plan.rate else None)
+            if self.plan.only(method, path) and (self.plan.limit is None
+                                                 or sum(self.counts[k] for k in KINDS) < self.plan.limit):
+                fault = self.plan.blackout or (self.rng.choice(self.plan.kinds)
+                                               if self.rng.random() < self.plan.rate else None)
             if fault:
                 self.counts[fault] += 1
             return fault

@@ -42,7 +42,8 @@ def table(records: list[Trial]) -> str:
         row[1] += t.survived
         row[2] += t.lost
     width = max([len('fault')] + [len(f) for f in rows])
-    lines = [f'| {"fault":<{width}} | trials | survived | data lost |', f'|{"-" * (width + 2)}|-------:|---------:|----------:|']
+    lines = [f'| {"fault":<{width}} | trials | survived | data lost |',
+             f'|{"-" * (width + 2)}|-------:|---------:|----------:|']
     lines += [f'| {f:<{width}} | {n:>6} | {s:>8} | {lost:>9} |' for f, (n, s, lost) in rows.items()]
     total = [sum(r[i] for r in rows.values()) for i in range(3)]
     lines.append(f'| {"all":<{width}} | {total[0]:>6} | {total[1]:>8} | {total[2]:>9} |')

@@ -25,7 +25,8 @@ def main() -> int:
         report = pathlib.Path(tmp) / 'trials.jsonl'
         env = {**os.environ, TRIALS_ENV: str(args.trials), REPORT_ENV: str(report)}
         t0 = time.monotonic()
-        rc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(here), *args.pytest_args],
+        rc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(here),
+                             *args.pytest_args],
                             cwd=here.parents[1], env=env).returncode
         print(f'\nfault injection: --trials {args.trials}, {time.monotonic() - t0:.0f} s, pytest exit code {rc}\n')
         print(table(load(report)))

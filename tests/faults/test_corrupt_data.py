@@ -14,24 +14,30 @@ from fault_report import Trial, trials
 
 from cosim_dist import build
 from cosim_dist.config import load_config
-from cosim_dist.data import DatasetInfo, ShardEntry, ShardStream, read_manifest, shard_name, write_manifest, write_shard
+from cosim_dist.data import ShardStream
+from cosim_dist.shards import DatasetInfo, ShardEntry, read_manifest, shard_name, write_manifest, write_shard
 from cosim_dist.storage import ObjectStore, open_store
 
 SHARDS, PER_SHARD, C, R, CLASSES = 8, 8, 3, 16, 10       # the toy model's x0 (3x16x16, 10 classes)
-INFO = DatasetInfo(kind='latents', resolution=R, channels=C, label_count=CLASSES, latent_scale=[1.0] * C, latent_bias=[0.0] * C)
-PIXELS = DatasetInfo(kind='pixels_float', resolution=R, channels=C, label_count=CLASSES)  # what the toy (pixel) model trains on
-CORRUPTIONS = ('truncated shard', 'garbage shard', 'garbage shard, manifest agrees', 'wrong latent shape', 'missing label')
+INFO = DatasetInfo(kind='latents', resolution=R, channels=C, label_count=CLASSES, latent_scale=[1.0] * C,
+                   latent_bias=[0.0] * C)
+# what the toy (pixel) model trains on
+PIXELS = DatasetInfo(kind='pixels_float', resolution=R, channels=C, label_count=CLASSES)
+CORRUPTIONS = ('truncated shard', 'garbage shard', 'garbage shard, manifest agrees', 'wrong latent shape',
+               'missing label')
 
 def sample(index: int, rng: np.random.Generator, shape=(C, R, R), label: bool = True, kind: str = 'latents') -> dict:
     """x0[0, 0, 0] is the sample's index (latents: std = 0, so x0 is the mean exactly)."""
     x = rng.standard_normal(shape).astype(np.float32)
     x.flat[0] = index
-    out = {'__key__': f'{index:08d}'} | ({'mean.npy': x, 'std.npy': np.zeros(shape, np.float32)} if kind == 'latents' else {'x.npy': x})
+    out = {'__key__': f'{index:08d}'} | ({'mean.npy': x, 'std.npy': np.zeros(shape, np.float32)}
+                                         if kind == 'latents' else {'x.npy': x})
     return out | ({'cls': int(rng.integers(CLASSES))} if label else {})
 
 def dataset(url: str, info: DatasetInfo) -> str:
     store, rng = open_store(url), np.random.default_rng(0)
-    entries = [write_shard(store, shard_name(s), [sample(s * PER_SHARD + i, rng, kind=info.kind) for i in range(PER_SHARD)], info)
+    entries = [write_shard(store, shard_name(s),
+                           [sample(s * PER_SHARD + i, rng, kind=info.kind) for i in range(PER_SHARD)], info)
                for s in range(SHARDS)]
     write_manifest(store, info, entries)
     return url
@@ -69,7 +75,8 @@ def corrupt(store: ObjectStore, shard: int, kind: str, rng: random.Random) -> No
         data = rng.randbytes(len(data))
     elif kind == 'wrong latent shape':
         odd = rng.randrange(PER_SHARD)
-        data = raw_tar([sample(base + i, nrng, (C, R // 2, R // 2) if i == odd else (C, R, R)) for i in range(PER_SHARD)])
+        data = raw_tar([sample(base + i, nrng, (C, R // 2, R // 2) if i == odd else (C, R, R))
+                        for i in range(PER_SHARD)])
     else:
         odd = rng.randrange(PER_SHARD)
         data = raw_tar([sample(base + i, nrng, label=i != odd) for i in range(PER_SHARD)])

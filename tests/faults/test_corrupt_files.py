@@ -92,7 +92,8 @@ def payloads(marker: str) -> list[Call]:
 
 def nest(obj, rng: random.Random, depth: int):
     for _ in range(depth):
-        obj = rng.choice((lambda o: {'state': o}, lambda o: [0, o], lambda o: (o, 1.0), lambda o: {'ema': {'_modules': o}}))(obj)
+        obj = rng.choice((lambda o: {'state': o}, lambda o: [0, o], lambda o: (o, 1.0),
+                          lambda o: {'ema': {'_modules': o}}))(obj)
     return obj
 
 def test_teacher_pickle_with_forbidden_global(tmp_path, record):
@@ -102,13 +103,16 @@ def test_teacher_pickle_with_forbidden_global(tmp_path, record):
         path = tmp_path / f'evil-{trial}.pkl'
         path.write_bytes(pickle.dumps({'ema': nest(call, rng, rng.randint(0, 4)), 'dataset_kwargs': {}},
                                       protocol=rng.randint(0, pickle.HIGHEST_PROTOCOL)))
-        with pytest.raises(pickle.UnpicklingError, match=rf'refusing to load \S*{call.fn.__name__}: not in the teacher_io allow-list'):
+        with pytest.raises(pickle.UnpicklingError,
+                           match=rf'refusing to load \S*{call.fn.__name__}: not in the teacher_io allow-list'):
             teacher_io.load_network(path)
         record(Trial('teacher pickle with a forbidden global', not marker.exists(), False, call.fn.__name__))
         assert not marker.exists()
     out = subprocess.run([sys.executable, str(h.REPO / 'launch.py'), 'task=train', f'run.root={tmp_path}',
-                          f'model.teacher={path}', 'logging.wandb=disabled'], capture_output=True, text=True, cwd=tmp_path)
-    ok = out.returncode != 0 and 'not in the teacher_io allow-list' in out.stderr.strip().splitlines()[-1] and not marker.exists()
+                          f'model.teacher={path}', 'logging.wandb=disabled'],
+                         capture_output=True, text=True, cwd=tmp_path)
+    ok = (out.returncode != 0 and 'not in the teacher_io allow-list' in out.stderr.strip().splitlines()[-1]
+          and not marker.exists())
     record(Trial('teacher pickle with a forbidden global', ok, False, 'through launch.py'))
     assert ok, out.stderr[-2000:]
 
@@ -116,7 +120,8 @@ def test_teacher_pickle_with_forbidden_global(tmp_path, record):
 # Bad config values.
 
 BAD = [('train.kimg', 'abc', "bad value for 'train.kimg'"), ('train.kimg', '-1', 'must be > 0'),
-       ('train.batch', '0', 'must be > 0'), ('train.lr_g', '-1e-4', 'must be > 0'), ('train.lr_aux', '0', 'must be > 0'),
+       ('train.batch', '0', 'must be > 0'), ('train.lr_g', '-1e-4', 'must be > 0'),
+       ('train.lr_aux', '0', 'must be > 0'),
        ('train.beta2', '1.5', 'must be in [0, 1)'), ('train.ema_halflife_kimg', '-1', 'must be >= 0'),
        ('checkpoint.keep', '0', 'must be > 0'), ('data.num_workers', '-2', 'must be >= 0'),
        ('model.resolution', '0', 'must be > 0'), ('schedule.sigma_min', '0', 'must be > 0'),
@@ -140,6 +145,7 @@ def test_bad_config_values(tmp_path, record):
     key, value, message = rng.choice(BAD)
     out = subprocess.run([sys.executable, str(h.REPO / 'launch.py'), f'run.root={tmp_path}', f'{key}={value}'],
                          capture_output=True, text=True, cwd=tmp_path)
-    ok = out.returncode == 2 and out.stderr.startswith('error: ') and message in out.stderr and len(out.stderr.splitlines()) == 1
+    ok = (out.returncode == 2 and out.stderr.startswith('error: ') and message in out.stderr
+          and len(out.stderr.splitlines()) == 1)
     record(Trial('bad config value', ok, False, f'launch.py {key}={value}'))
     assert ok, out.stderr

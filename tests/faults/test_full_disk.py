@@ -25,7 +25,8 @@ HALF = h.TOTAL // 2
 def tmpfs(path: pathlib.Path, mib: int) -> Iterator[pathlib.Path]:
     """A real size-limited filesystem (needs root or CAP_SYS_ADMIN, as on the developer and CI machines)."""
     path.mkdir(parents=True)
-    mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={mib}m', 'tmpfs', str(path)], capture_output=True, text=True)
+    mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={mib}m', 'tmpfs', str(path)],
+                           capture_output=True, text=True)
     if mount.returncode:
         pytest.skip(f'cannot mount a tmpfs here ({mount.stderr.strip()})')
     try:

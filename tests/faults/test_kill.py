@@ -34,9 +34,9 @@ def test_kill9_at_random_moments(fault_root, reference, record):
         assert final.wait() == 0, final.output()[-3000:]
         diff = h.differences(h.final_state(final.dir), reference)
         for hit in hits:
-            record(Trial(f'kill -9 during {hit.label}', hit.resumed_ok and not hit.lost and not diff, hit.lost or bool(diff),
-                         f'{name}: commits {hit.steps}'))
-        assert all(hit.resumed_ok and not hit.lost for hit in hits), [(x.label, x.steps, x.bad, x.announced, x.run.output()[-1500:])
-                                                                      for x in hits]
+            record(Trial(f'kill -9 during {hit.label}', hit.resumed_ok and not hit.lost and not diff,
+                         hit.lost or bool(diff), f'{name}: commits {hit.steps}'))
+        assert all(hit.resumed_ok and not hit.lost for hit in hits), [(x.label, x.steps, x.bad, x.announced,
+                                                                       x.run.output()[-1500:]) for x in hits]
         assert not diff, diff[:5]
         todo -= len(hits)

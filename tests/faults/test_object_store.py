@@ -33,8 +33,10 @@ def test_training_through_a_faulty_store(s3_env, fault_root, reference, record):
         plan = FaultPlan(rate=rng.uniform(0.05, 0.15), seed=trial, delay_put=0.05)
         with FaultProxy(s3_env.endpoint_url, plan) as proxy:
             store = open_store(url, direct)
-            hits, final = h.chain(fault_root, f's3-{trial}', 1, signal.SIGKILL, lambda done: ('upload', h.in_upload(store), rng.randrange(3)),
-                                  extra=lambda: [f'checkpoint.endpoint_url={proxy.url}', f'checkpoint.async_upload={rng.random() < 0.5}'],
+            hits, final = h.chain(fault_root, f's3-{trial}', 1, signal.SIGKILL,
+                                  lambda done: ('upload', h.in_upload(store), rng.randrange(3)),
+                                  extra=lambda: [f'checkpoint.endpoint_url={proxy.url}',
+                                                 f'checkpoint.async_upload={rng.random() < 0.5}'],
                                   url=url, storage=direct)
             rc = final.wait()
         diff = h.differences(h.final_state(final.dir, url, direct), reference) if rc == 0 else ['did not finish']
@@ -60,7 +62,8 @@ def test_lost_replies_truncated_reads_and_exhausted_retries(s3_env, tmp_path, re
             assert ok and ck.committed() == [1]
 
         reads = lambda method, path: method in ('GET', 'HEAD')
-        with FaultProxy(s3_env.endpoint_url, FaultPlan(rate=0.5, kinds=('truncate', 'reset', '500'), seed=trial, only=reads)) as proxy:
+        with FaultProxy(s3_env.endpoint_url,
+                        FaultPlan(rate=0.5, kinds=('truncate', 'reset', '500'), seed=trial, only=reads)) as proxy:
             path = CheckpointManager(url, work / 'b', storage=StorageConfig(endpoint_url=proxy.url)).latest()
             ok = path is not None and (path / 'weights.bin').read_bytes() == first
             record(Trial('S3 truncated/reset downloads', ok, not ok, f'{dict(proxy.counts)}'))

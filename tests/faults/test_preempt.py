@@ -45,5 +45,5 @@ def test_repeated_usr2_preemption(fault_root, reference, record):
         lost = any(x.lost or max(x.steps, default=0) < x.progress for x in hits) or bool(diff)
         ok = all(clean) and all(x.resumed_ok for x in hits) and not lost
         record(Trial('USR2 preemption, 2-3 per run', ok, lost, f'{name}: {[x.label for x in hits]}'))
-        assert ok, ([(x.label, x.rc, x.steps, x.bad, x.announced, x.progress, x.resumed_ok) for x in hits], clean, diff[:5],
-                    [x.run.output()[-1500:] for x in hits])
+        assert ok, ([(x.label, x.rc, x.steps, x.bad, x.announced, x.progress, x.resumed_ok) for x in hits], clean,
+                    diff[:5], [x.run.output()[-1500:] for x in hits])

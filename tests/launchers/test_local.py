@@ -21,7 +21,8 @@ ARGS = ['task=train', 'engine.backend=deepspeed', 'engine.zero_stage=1', 'pretra
         'train.checkpoint_kimg=0', 'checkpoint.async_upload=true', 'logging.wandb=disabled', 'logging.progress=false']
 
 def start(root: pathlib.Path, name: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(CONFIG_DIR.parent / 'launch.py'), '--nproc=2', f'run.root={root}', f'run.name={name}', *ARGS]
+    cmd = [sys.executable, str(CONFIG_DIR.parent / 'launch.py'), '--nproc=2', f'run.root={root}',
+           f'run.name={name}', *ARGS]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
@@ -59,7 +60,8 @@ def test_three_usr2_preemptions_equal_an_uninterrupted_run(tmp_path):
             os.kill(pid, signal.SIGUSR2)
         out = proc.communicate(timeout=240)[0]
         assert proc.returncode == 0, out[-3000:]
-        assert 'stopping at the next step boundary' in out and 'run the same command again to resume' in out, out[-3000:]
+        assert ('stopping at the next step boundary' in out
+                and 'run the same command again to resume' in out), out[-3000:]
         done_at.append(progress(tmp_path, 'preempted'))
     assert done_at == sorted(done_at) and done_at[-1] < 800
     final = start(tmp_path, 'preempted')

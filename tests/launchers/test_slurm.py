@@ -35,9 +35,11 @@ def wait_for(predicate, timeout: float, what: str, job=None) -> None:
 
 def test_preempted_slurm_run_requeues_and_matches_local_run(slurm_cluster, tmp_path, monkeypatch):
     import submitit
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')     # sbatch exports it: same kernels, same reduction order as the local run
+    # sbatch exports it: same kernels, same reduction order as the local run
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
     ref = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), '--nproc=2', f'run.root={tmp_path}',
-                          'run.name=local', *ARGS], capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                          'run.name=local', *ARGS],
+                         capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     overrides = [f'run.root={tmp_path}', 'run.name=slurm', *ARGS]
@@ -55,7 +57,8 @@ def test_preempted_slurm_run_requeues_and_matches_local_run(slurm_cluster, tmp_p
     log = (job.stdout() or '') + (job.stderr() or '')
     for line in ('received SIGUSR2', 'checkpoint committed', f'requeueing job {job.job_id}', 'resumed at'):
         assert line in log, f'{line!r} missing from the job log:\n{log[-4000:]}'
-    print('\n'.join(line for line in log.splitlines() if any(s in line for s in ('SIGUSR2', 'committed', 'requeue', 'resumed', 'done in'))))
+    print('\n'.join(line for line in log.splitlines()
+                    if any(s in line for s in ('SIGUSR2', 'committed', 'requeue', 'resumed', 'done in'))))
     print(f'slurm run with one preemption finished {time.monotonic() - t0:.0f} s after submission')
     a = torch.load(tmp_path / 'local' / 'generator.pt', weights_only=True)['state_dict']
     b = torch.load(run_dir / 'generator.pt', weights_only=True)['state_dict']

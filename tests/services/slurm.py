@@ -50,7 +50,8 @@ def _controller_listening(timeout: float = 1.0) -> bool:
         text = conf.read_text()
     except OSError:
         return False
-    settings = dict(re.findall(r'^\s*(SlurmctldHost|ControlMachine|ControlAddr|SlurmctldPort)\s*=\s*(\S+)', text, re.M | re.I))
+    settings = dict(re.findall(r'^\s*(SlurmctldHost|ControlMachine|ControlAddr|SlurmctldPort)\s*=\s*(\S+)', text,
+                               re.M | re.I))
     settings = {k.lower(): v for k, v in settings.items()}
     host = settings.get('slurmctldhost') or settings.get('controlmachine') or 'localhost'
     host = settings.get('controladdr') or (re.search(r'\((.+)\)', host) or re.match(r'([^(]+)', host)).group(1)
@@ -112,7 +113,8 @@ def testbed_session() -> Iterator[SlurmTestbed]:
         reason = cannot_start_reason()
         if reason is not None:
             if required():
-                raise RuntimeError(f'CI is set but {reason}; run the tests as root or start the testbed first: `sudo {SCRIPT} start`')
+                raise RuntimeError(f'CI is set but {reason}; '
+                                   f'run the tests as root or start the testbed first: `sudo {SCRIPT} start`')
             pytest.skip(f'{reason}; start it with `sudo {SCRIPT} start`, or deselect with -m "not slurm"')
         start()
         started = True

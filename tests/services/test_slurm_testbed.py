@@ -88,7 +88,8 @@ def _squeue() -> str:
 
 def _sacct_states(job_id: str) -> list[str]:
     """Every state the job's allocations went through (-D: also the runs before a requeue)."""
-    out = subprocess.run(['sacct', '-D', '-X', '-n', '-P', '-j', job_id, '-o', 'State'], capture_output=True, text=True, check=True)
+    out = subprocess.run(['sacct', '-D', '-X', '-n', '-P', '-j', job_id, '-o', 'State'],
+                         capture_output=True, text=True, check=True)
     return [line.split()[0] for line in out.stdout.split('\n') if line.strip()]
 
 @pytest.fixture
@@ -135,9 +136,11 @@ def test_preemption_checkpoints_and_resumes(slurm_cluster, tmp_path, cancel_left
     _check_counted(work, result, steps)
     assert _lines(work / 'checkpoints') == [str(result['starts'][1])] # resumed exactly where checkpoint() saw it
     log = low.stdout() or '' # submitit logs INFO and up to the task's stdout (WARNING and up also to stderr)
-    for line in ('Caught signal SIGUSR2', 'this job is preempted', 'Calling checkpoint method', f'Requeued job {low.job_id}'):
+    for line in ('Caught signal SIGUSR2', 'this job is preempted', 'Calling checkpoint method',
+                 f'Requeued job {low.job_id}'):
         assert line in log, f'{line!r} not in the log of job {low.job_id}:\n{log[-3000:]}'
-    assert 'PREEMPTED' in _sacct_states(low.job_id) or 'REQUEUED' in _sacct_states(low.job_id), _sacct_states(low.job_id)
+    assert ('PREEMPTED' in _sacct_states(low.job_id)
+            or 'REQUEUED' in _sacct_states(low.job_id)), _sacct_states(low.job_id)
     print(''.join(line + '\n' for line in log.splitlines() if 'submitit' in line), end='')
     print(f'preemption: USR2+checkpoint {t_signal - t_high:.1f} s after the high job was submitted; states '
           f'{_sacct_states(low.job_id)}; resumed at step {result["starts"][1]}; low job done '
