@@ -79,11 +79,17 @@ def init(env: DistEnv, device: str = 'auto', always_group: bool = False, timeout
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
     if (env.world_size > 1 or always_group) and not torch.distributed.is_initialized():
+        backend, timeout = 'nccl' if dev.type == 'cuda' else 'gloo', datetime.timedelta(seconds=timeout_s)
         if env.source == 'single':
-            env = dataclasses.replace(env, master_port=free_port())
-        env.export()
-        torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
-                                             timeout=datetime.timedelta(seconds=timeout_s))
+            # A group of one needs no rendezvous: an in-process store, so no port can be taken in between (a TCP
+            # store on a port found free a moment earlier raced with concurrent runs). The exported port only keeps
+            # the names of DeepSpeed's shared-memory segments apart between concurrent single-process runs.
+            dataclasses.replace(env, master_port=free_port()).export()
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                                 timeout=timeout)
+        else:
+            env.export()
+            torch.distributed.init_process_group(backend, init_method='env://', timeout=timeout)
     return dev
 
 def free_port() -> int:

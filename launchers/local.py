@@ -30,10 +30,10 @@ def launch_local(cfg: Config) -> None:
             sys.exit(EXIT_STOPPED)      # slurm/train.sbatch requeues on this code
 
 def launch_processes(nproc: int, overrides: list[str]) -> int:
-    """Start `nproc` ranks of `launch.py overrides` through torch.distributed.run on 127.0.0.1."""
+    """Start `nproc` ranks of `launch.py overrides` through torch.distributed.run on this machine (`--standalone`:
+    the rendezvous store binds a free port itself, so concurrent runs cannot race for one)."""
     env = dict(os.environ,
                OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // nproc))))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
-           f'--master_port={distributed.free_port()}', '--tee=0',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', '--tee=0',
            os.path.join(os.path.dirname(__file__), '..', 'launch.py'), *overrides]
     return subprocess.run(cmd, env=env).returncode

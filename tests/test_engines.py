@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from cosim_dist.config import CONFIG_DIR
-from cosim_dist.distributed import free_port
 
 pytestmark = pytest.mark.slow
 LAUNCH = [sys.executable, str(CONFIG_DIR.parent / 'launch.py')]
@@ -53,8 +52,8 @@ def toy_teacher(root):
 def probe_grads(root, name, *args, nproc):
     """The all-reduced gradients of the first Eq. A1 and Eq. G1 micro-steps (tests/helpers/grad_probe.py)."""
     out = root / f'{name}.pt'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
-           f'--master_port={free_port()}', str(PROBE), str(out), f'run.root={root}', f'run.name={name}', *BASE, *args]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', str(PROBE),
+           str(out), f'run.root={root}', f'run.name={name}', *BASE, *args]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300,
                           env={**_env(), 'OMP_NUM_THREADS': '1'})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
