@@ -78,10 +78,16 @@ def test_edm2_latent_training_run(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(G.state_dict().values(), teacher.state_dict().values()))
 
 def test_default_task_checks_evaluation_inputs_before_training(tmp_path):
-    """task=default on a real model trains for days and then evaluates: its missing files are named up front."""
+    """task=default on a real model trains for days and then evaluates: its missing inputs are named at launch."""
     save_snapshot(tmp_path / 't.pt', tiny_edm2())
-    cfg = load_config(['model=edm2-xs', f'data.path={tmp_path}', *TINY, f'model.teacher={tmp_path}/t.pt',
-                       f'eval.ref={tmp_path}/ref.pkl', f'run.root={tmp_path}', 'run.device=cpu'])
-    with pytest.raises(ConfigError, match=r'missing: eval.inception_weights=None, eval.dinov2_weights=None, '
-                                          r'eval.ref=.*ref.pkl, eval.vae=None'):
-        tasks.run(cfg)
+    args = ['model=edm2-xs', f'data.path={tmp_path}', *TINY, f'model.teacher={tmp_path}/t.pt',
+            f'eval.ref={tmp_path}/ref.pkl', f'run.root={tmp_path}', 'run.device=cpu']
+    with pytest.raises(ConfigError) as e:
+        load_config(args, ready=True)
+    assert e.value.problems == [
+        f'eval.ref={tmp_path}/ref.pkl does not exist: download or copy reference statistics (EDM2 '
+        'dataset-refs/*.pkl or data_tools/ref_stats.py) there, or fix the path',
+        'eval.inception_weights is required for task=default: set it to the inception weights file',
+        'eval.dinov2_weights is required for task=default: set it to the dinov2 weights file',
+        'eval.vae is required for task=default: set it to a local diffusers AutoencoderKL directory '
+        '(stabilityai/sd-vae-ft-mse)']
