@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.overrides)
+        if not args.dry_run:                        # cosim_dist.logging imports torch: not for --help / --dry-run
+            from cosim_dist.logging import check_wandb_login
+            check_wandb_login(cfg.logging.wandb)
         if args.cluster == 'slurm':
             from launchers.slurm import SlurmOptions, submit
             options = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
