@@ -32,6 +32,7 @@ class RunConfig:
     root: str = 'runs'               # directory that holds all run directories
     seed: int = 0                    # global seed (data order, noise, initialisation)
     device: str = 'auto'             # auto | cpu | cuda
+    overrides: list[str] = dataclasses.field(default_factory=list)  # this invocation's arguments (set by load_config)
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -293,6 +294,7 @@ def load_config(args: list[str] = (), ready: bool = False) -> Config:
     obj: Config = OmegaConf.to_object(cfg)
     if obj.run.name is None:
         obj.run.name = '-'.join(groups.values())
+    obj.run.overrides = list(args)
     if not any(p.startswith(tuple(f'{g}=' for g in groups)) for p in problems):   # else its values are noise
         try:
             validate(obj)

@@ -2,6 +2,7 @@
 architecture, required values and cross-field rules. Every problem is collected and reported together, one line each,
 before any work starts (also before a Slurm submission). The schema itself is config.py."""
 
+import os
 from typing import Any
 
 from .storage import missing_local
@@ -128,7 +129,16 @@ def readiness(cfg: Any) -> list[str]:
     reads_data = cfg.data.kind == 'shards' and cfg.task not in ('bench', 'eval')
     if reads_data and cfg.data.path and missing_local(cfg.data.path):
         problems.append(f'data.path={cfg.data.path} does not exist: build the shards with data_tools/make_shards.py')
+    if cfg.logging.wandb == 'online' and not wandb_logged_in():
+        problems.append('logging.wandb=online needs a wandb login: run `wandb login` (or set WANDB_API_KEY), '
+                        'or use logging.wandb=offline')
     return problems
+
+def wandb_logged_in() -> bool:
+    """Whether wandb has credentials (WANDB_API_KEY, netrc or its settings): no prompt, no network."""
+    os.environ.setdefault('WANDB_SILENT', 'true')
+    import wandb
+    return bool(wandb.login(prompt=False, verify=False))
 
 def real_model(cfg: Any) -> bool:
     """Real models (an official teacher, a non-toy network or real data) are evaluated with FID / FD-DINOv2;

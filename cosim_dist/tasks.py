@@ -5,7 +5,7 @@ import time
 
 from . import distributed
 from .bench import run_bench
-from .build import distil, get_teacher, make_logger, noise_range, prepare_run_dir
+from .build import distil, get_teacher, make_logger, noise_range, prepare_run_dir, record_invocation
 from .config import Config, ConfigError, batch_layout
 from .config_checks import real_model
 from .distributed import DistEnv
@@ -24,6 +24,8 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
         raise ConfigError(str(e)) from None
     batch_layout(cfg.train, env.world_size)
     run_dir = prepare_run_dir(cfg) if env.rank == 0 else cfg.run_dir
+    if env.rank == 0 and cfg.task not in ('train', 'default'):
+        record_invocation(cfg)                             # training records once its resume check passed (distil)
     log.info(f'task={cfg.task} run_dir={run_dir} device={device} world_size={env.world_size}')
     t0 = time.time()
     if cfg.task == 'pretrain':
