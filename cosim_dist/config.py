@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-TASKS = ('default', 'pretrain', 'train', 'eval', 'bench')
+TASKS = ('default', 'pretrain', 'train', 'eval', 'generate', 'bench')
 ARCHS = ('toy', 'songunet', 'dhariwalunet', 'edm2')        # model.arch: the networks of cosim_dist.nets.ARCHS
 DEFAULT_GROUPS = {'model': 'toy', 'data': 'gmm'}
 
@@ -162,6 +162,17 @@ class EvalConfig:
     png_dir: str | None = None       # also write <png_dir>/<sampler>/<seed // 1000 * 1000>/<seed>.png
 
 @dataclasses.dataclass
+class GenerateConfig:
+    generator: str | None = None     # snapshot, export, s3:// or checkpoint step dir (EMA); default <run>/generator.pt
+    seeds: str = '0-63'              # seeds, one image each: ranges and numbers, comma-separated ('0-63', '0,5,10-19')
+    classes: list[int] | None = None # class of the i-th seed: classes[i % len]; null = each seed's own random label
+    steps: int = 1                   # sampler steps K (Eq. S1)
+    grid: list[float] | None = None  # tau_K > ... > tau_1; null = the grid stored with the generator, else the default
+    out: str | None = None           # output directory (default <run dir>/generated)
+    png: bool = True                 # write <out>/<seed // 1000 * 1000>/<seed>.png (eval.png_dir's layout)
+    npz: bool = False                # write <out>/images.npz: images (uint8, N x H x W x C), labels, seeds
+
+@dataclasses.dataclass
 class BenchConfig:
     warmup: int = 3                  # task=bench: untimed iterations first (allocator, autotuning, torch.compile)
     iters: int = 10                  # timed iterations
@@ -175,7 +186,7 @@ class LoggingConfig:
 
 @dataclasses.dataclass
 class Config:
-    # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval | bench
+    # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval | generate | bench
     task: str = 'default'
     groups: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_GROUPS))  # selected groups
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -191,6 +202,7 @@ class Config:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
@@ -202,18 +214,11 @@ class Config:
 # Choices validated after merging (key -> allowed values).
 
 CHOICES = {
-    'task': TASKS,
-    'model.arch': ARCHS,
-    'run.device': ('auto', 'cpu', 'cuda'),
-    'aux.t_embed': ('gated', 'sum'),
-    'data.kind': ('gmm', 'shards'),
-    'logging.wandb': ('offline', 'online', 'disabled'),
-    'engine.backend': ('torch', 'deepspeed'),
-    'engine.zero_stage': (0, 1, 2, 3),
-    'engine.precision': ('fp32', 'bf16'),
+    'task': TASKS, 'model.arch': ARCHS, 'run.device': ('auto', 'cpu', 'cuda'), 'aux.t_embed': ('gated', 'sum'),
+    'data.kind': ('gmm', 'shards'), 'logging.wandb': ('offline', 'online', 'disabled'),
+    'engine.backend': ('torch', 'deepspeed'), 'engine.zero_stage': (0, 1, 2, 3), 'engine.precision': ('fp32', 'bf16'),
     'engine.compile': ('none', 'default', 'reduce-overhead', 'max-autotune'),
-    'teacher.precision': ('auto', 'bf16', 'fp32'),
-    'teacher.offload': ('none', 'cpu'),
+    'teacher.precision': ('auto', 'bf16', 'fp32'), 'teacher.offload': ('none', 'cpu'),
 }
 
 def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -225,10 +230,30 @@ def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
                           f'change one of the three numbers')
     return batch_gpu, train.batch // (batch_gpu * world_size)
 
+def parse_seeds(text: str) -> list[int]:
+    """generate.seeds: comma-separated numbers and inclusive ranges ('0-63', '0,5,10-19') -> the seeds in order."""
+    parts = [p.partition('-') for p in str(text).replace(' ', '').split(',')]
+    if not all(lo.isdigit() and (hi.isdigit() and int(hi) >= int(lo) if dash else not hi) for lo, dash, hi in parts):
+        raise ConfigError(f'generate.seeds={text!r} cannot be parsed: give numbers and ranges A-B (A <= B) separated '
+                          f'by commas, e.g. generate.seeds=0-63 or generate.seeds=\'0,5,10-19\'')
+    return [s for lo, _, hi in parts for s in range(int(lo), int(hi or lo) + 1)]
+
+def _check_generate(g: GenerateConfig, label_dim: int) -> None:
+    parse_seeds(g.seeds)
+    if g.classes is not None and not (g.classes and all(0 <= c < label_dim for c in g.classes)):
+        raise ConfigError(f'generate.classes={g.classes} must be a non-empty list of classes in [0, {label_dim}) '
+                          f'(model.label_dim), or null for each seed\'s own label')
+    if g.grid is not None and not (len(g.grid) == g.steps and min(g.grid) > 0 and sorted(set(g.grid))[::-1] == g.grid):
+        raise ConfigError(f'generate.grid={g.grid} must hold generate.steps={g.steps} positive, strictly decreasing '
+                          f'noise levels tau_K > ... > tau_1, or be null for the generator\'s stored grid')
+    if not (g.png or g.npz):
+        raise ConfigError('generate.png=false and generate.npz=false would write nothing: enable one of them')
+
 def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml'))
 
-def _get(cfg: Any, dotted: str) -> Any:
+def get_key(cfg: Any, dotted: str) -> Any:
+    """The value of a dotted key ('train.lr_g')."""
     for part in dotted.split('.'):
         cfg = getattr(cfg, part)
     return cfg
@@ -237,29 +262,29 @@ def validate(cfg: Config) -> None:
     """Check choices and cross-field constraints; raise ConfigError naming the key and the fix.
     (The batch / micro-batch / world-size relation is checked at launch, see `batch_layout`.)"""
     for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f'{key}={_get(cfg, key)!r} is invalid; valid choices: {", ".join(map(str, allowed))}')
+        if get_key(cfg, key) not in allowed:
+            raise ConfigError(f'{key}={get_key(cfg, key)!r} is invalid; valid choices: {", ".join(map(str, allowed))}')
     for keys, ok, rule in ((('train.lr_g', 'train.lr_aux', 'train.eps', 'pretrain.lr', 'pretrain.kimg',
                              'model.sigma_data', 'model.resolution', 'model.channels', 'schedule.sigma_min',
                              'schedule.rho', 'schedule.ratio', 'checkpoint.keep', 'train.batch', 'train.kimg',
                              'pretrain.batch', 'eval.num_samples', 'eval.batch', 'eval.heun_steps',
                              'train.aux_steps_per_gen', 'eval.chunk', 'eval.decode_batch',
-                             'data.gmm.noise_std'), lambda v: v > 0, '> 0'),
+                             'data.gmm.noise_std', 'generate.steps'), lambda v: v > 0, '> 0'),
                            (('data.gmm.classes', 'data.gmm.components', 'data.gmm.rank'), lambda v: v >= 1, '>= 1'),
                            (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
                            (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'),
                             lambda v: v >= 0, '>= 0')):
         # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)
         for key in keys:
-            if not ok(_get(cfg, key)):
-                raise ConfigError(f'{key}={_get(cfg, key)} must be {rule}')
+            if not ok(get_key(cfg, key)):
+                raise ConfigError(f'{key}={get_key(cfg, key)} must be {rule}')
     if cfg.schedule.sigma_max <= cfg.schedule.sigma_min:
         raise ConfigError(f'schedule.sigma_max={cfg.schedule.sigma_max} must exceed '
                           f'schedule.sigma_min={cfg.schedule.sigma_min}')
     if any(k < 1 for k in cfg.eval.steps):
         raise ConfigError(f'eval.steps={cfg.eval.steps}: every sampler step count K must be >= 1')
     for key, allowed in (('eval.samplers', ('heun', 'dpm', 'cosim')), ('eval.metrics', ('inception', 'dinov2'))):
-        values = _get(cfg, key)
+        values = get_key(cfg, key)
         if not values or any(v not in allowed for v in values):
             raise ConfigError(f'{key}={values} is invalid; give a non-empty list of: {", ".join(allowed)}')
     if cfg.loss.lmbda < 0:
@@ -272,7 +297,8 @@ def validate(cfg: Config) -> None:
     if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
         raise ConfigError('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: '
                           'set engine.backend=deepspeed')
-    if cfg.data.kind == 'shards' and not cfg.data.path and cfg.task not in ('bench', 'eval'):  # neither reads data
+    _check_generate(cfg.generate, cfg.model.label_dim)
+    if cfg.data.kind == 'shards' and not cfg.data.path and cfg.task not in ('bench', 'eval', 'generate'):  # no data
         raise ConfigError('data.kind=shards needs data.path=<shard directory or s3:// prefix>')
 
 #----------------------------------------------------------------------------
@@ -361,29 +387,6 @@ def config_hash(section: Any) -> str:
     """Short stable hash of a config section (used to key caches and detect incompatible resumes)."""
     blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-RESUME_SECTIONS = ('run.seed', 'model', 'aux', 'data', 'schedule', 'kernel', 'loss', 'engine.backend',
-                   'engine.zero_stage', 'train.batch', 'train.lr_g', 'train.lr_aux', 'train.beta1', 'train.beta2',
-                   'train.eps', 'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen')
-
-def _flatten(prefix: str, value: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flatten(f'{prefix}.{key}', sub).items()}
-    return {prefix: value}
-
-def resume_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The settings a checkpoint must be resumed with (train.kimg, logging, eval may change)."""
-    return {k: v for key in RESUME_SECTIONS for k, v in _flatten(key, _get(cfg, key)).items()}
-
-def check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    """Raise ConfigError listing every setting that differs from the checkpoint's."""
-    diff = [f'{k}: {saved.get(k, "<unset>")!r} in the checkpoint, {now.get(k, "<unset>")!r} now'
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if diff:
-        raise ConfigError('cannot resume: the config differs from the checkpoint\'s (' + '; '.join(diff)
-                          + '); restore these values or start a new run with run.name=...')
 
 def save_config(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:
     """Write the resolved YAML to <run_dir>/config.yaml."""
