@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from . import cosim
 from .checkpoint import CheckpointManager
-from .config import Config, ConfigError, batch_layout, config_hash, resume_fingerprint, save_config
+from .config import Config, ConfigError, batch_layout, config_hash, save_config
 from .distributed import DistEnv
 from .engines import DeepSpeedEngine, TorchEngine, compile_network, place_teacher, prepare_network
 from .latents import latent_scale_bias
@@ -19,6 +19,7 @@ from .logging import RunLogger, log
 from .nets import TRAINING_KWARGS, build_network, weight_constraint
 from .nets.aux import make_auxiliary
 from .pretrain import pretrain_teacher
+from .resume import resume_fingerprint
 from .storage import StorageConfig, missing_local
 from .teacher_io import arch_name, load_network, load_snapshot, save_snapshot
 from .toy import GMMStream, GMMWorld
@@ -197,11 +198,13 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
 
 def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
            should_stop=lambda: False) -> torch.nn.Module:
-    """Train (or resume) the generator; returns its EMA, also saved (rank 0) as <run_dir>/generator.pt. The invocation
-    is recorded once the checkpoint's config was accepted."""
+    """Train (or resume) the generator; returns its EMA, also saved (rank 0) as <run_dir>/generator.pt with its
+    default Eq. S1 grid for every K of eval.steps (`extra['grids']`, used by task=generate). The invocation is
+    recorded once the checkpoint's config was accepted."""
     trainer = build_trainer(cfg, teacher, device, env, should_stop,
                             on_start=(lambda: record_invocation(cfg)) if env.rank == 0 else lambda: None)
     state = trainer.train()
     if env.rank == 0 and state.nimg >= cfg.train.kimg * 1000:
-        save_snapshot(cfg.run_dir / 'generator.pt', trainer.ema)
+        grids = {K: cosim.default_grid(K, noise_range(cfg), cfg.eval.grid_scale) for K in cfg.eval.steps}
+        save_snapshot(cfg.run_dir / 'generator.pt', trainer.ema, extra={'grids': grids})
     return trainer.ema

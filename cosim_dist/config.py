@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from .config_checks import ARCHS, TASKS, ConfigError, batch_layout, lookup, readiness, validate  # noqa: F401 (re-exported)
+from .config_checks import ARCHS, TASKS, ConfigError, batch_layout, lookup, parse_seeds, readiness, validate  # noqa: F401 (re-exported)
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 DEFAULT_GROUPS = {'model': 'toy', 'data': 'gmm'}
@@ -164,6 +164,17 @@ class EvalConfig:
     png_dir: str | None = None       # also write <png_dir>/<sampler>/<seed // 1000 * 1000>/<seed>.png
 
 @dataclasses.dataclass
+class GenerateConfig:
+    generator: str | None = None     # snapshot, export, s3:// or checkpoint step dir (EMA); default <run>/generator.pt
+    seeds: str = '0-63'              # seeds, one image each: ranges and numbers, comma-separated ('0-63', '0,5,10-19')
+    classes: list[int] | None = None # class of the i-th seed: classes[i % len]; null = each seed's own random label
+    steps: int = 1                   # sampler steps K (Eq. S1)
+    grid: list[float] | None = None  # tau_K > ... > tau_1; null = the grid stored with the generator, else the default
+    out: str | None = None           # output directory (default <run dir>/generated)
+    png: bool = True                 # write <out>/<seed // 1000 * 1000>/<seed>.png (eval.png_dir's layout)
+    npz: bool = False                # write <out>/images.npz: images (uint8, N x H x W x C), labels, seeds
+
+@dataclasses.dataclass
 class BenchConfig:
     warmup: int = 3                  # task=bench: untimed iterations first (allocator, autotuning, torch.compile)
     iters: int = 10                  # timed iterations
@@ -177,7 +188,7 @@ class LoggingConfig:
 
 @dataclasses.dataclass
 class Config:
-    # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval | bench
+    # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval | generate | bench
     task: str = 'default'
     groups: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_GROUPS))  # selected groups
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -193,6 +204,7 @@ class Config:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
@@ -312,29 +324,6 @@ def config_hash(section: Any) -> str:
     """Short stable hash of a config section (used to key caches and detect incompatible resumes)."""
     blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-RESUME_SECTIONS = ('run.seed', 'model', 'aux', 'data', 'schedule', 'kernel', 'loss', 'engine.backend',
-                   'engine.zero_stage', 'train.batch', 'train.lr_g', 'train.lr_aux', 'train.beta1', 'train.beta2',
-                   'train.eps', 'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen')
-
-def _flatten(prefix: str, value: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flatten(f'{prefix}.{key}', sub).items()}
-    return {prefix: value}
-
-def resume_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The settings a checkpoint must be resumed with (train.kimg, logging, eval may change)."""
-    return {k: v for key in RESUME_SECTIONS for k, v in _flatten(key, lookup(cfg, key)).items()}
-
-def check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    """Raise ConfigError listing every setting that differs from the checkpoint's."""
-    diff = [f'{k}: {saved.get(k, "<unset>")!r} in the checkpoint, {now.get(k, "<unset>")!r} now'
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if diff:
-        raise ConfigError('cannot resume: the config differs from the checkpoint\'s (' + '; '.join(diff)
-                          + '); restore these values or start a new run with run.name=...')
 
 def save_config(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:
     """Write the resolved YAML to <run_dir>/config.yaml."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from .storage import missing_local
 
-TASKS = ('default', 'pretrain', 'train', 'eval', 'bench')
+TASKS = ('default', 'pretrain', 'train', 'eval', 'generate', 'bench')
 ARCHS = ('toy', 'songunet', 'dhariwalunet', 'edm2')        # model.arch: the networks of cosim_dist.nets.ARCHS
 # model.net keys each architecture accepts (tests/test_config.py holds them against the networks' constructors).
 _UNET = ('model_channels', 'channel_mult', 'num_blocks', 'dropout')
@@ -74,7 +74,7 @@ def validate(cfg: Any) -> None:
                              'schedule.rho', 'schedule.ratio', 'checkpoint.keep', 'train.batch', 'train.kimg',
                              'pretrain.batch', 'eval.num_samples', 'eval.batch', 'eval.heun_steps',
                              'train.aux_steps_per_gen', 'eval.chunk', 'eval.decode_batch',
-                             'data.gmm.noise_std'), lambda v: v > 0, '> 0'),
+                             'data.gmm.noise_std', 'generate.steps'), lambda v: v > 0, '> 0'),
                            (('data.gmm.classes', 'data.gmm.components', 'data.gmm.rank'), lambda v: v >= 1, '>= 1'),
                            (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
                            (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'),
@@ -101,10 +101,36 @@ def validate(cfg: Any) -> None:
                 f'(engine.zero_stage=3 or teacher.offload=cpu): use engine.compile=none or ZeRO stage <= 2')
     if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
         problem('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: set engine.backend=deepspeed')
-    if cfg.data.kind == 'shards' and not cfg.data.path and cfg.task not in ('bench', 'eval'):  # neither reads data
+    problems += generate_problems(cfg.generate, cfg.model.label_dim)
+    if cfg.data.kind == 'shards' and not cfg.data.path and cfg.task not in ('bench', 'eval', 'generate'):  # no data
         problem('data.kind=shards needs data.path=<shard directory or s3:// prefix>')
     if problems:
         raise ConfigError(*problems)
+
+def parse_seeds(text: str) -> list[int]:
+    """generate.seeds: comma-separated numbers and inclusive ranges ('0-63', '0,5,10-19') -> the seeds in order."""
+    parts = [p.partition('-') for p in str(text).replace(' ', '').split(',')]
+    if not all(lo.isdigit() and (hi.isdigit() and int(hi) >= int(lo) if dash else not hi) for lo, dash, hi in parts):
+        raise ConfigError(f'generate.seeds={text!r} cannot be parsed: give numbers and ranges A-B (A <= B) separated '
+                          f'by commas, e.g. generate.seeds=0-63 or generate.seeds=\'0,5,10-19\'')
+    return [s for lo, _, hi in parts for s in range(int(lo), int(hi or lo) + 1)]
+
+def generate_problems(g: Any, label_dim: int) -> list[str]:
+    """The generate.* keys: parsable seeds, classes within model.label_dim, a grid of generate.steps levels."""
+    problems = []
+    try:
+        parse_seeds(g.seeds)
+    except ConfigError as e:
+        problems += e.problems
+    if g.classes is not None and not (g.classes and all(0 <= c < label_dim for c in g.classes)):
+        problems.append(f'generate.classes={g.classes} must be a non-empty list of classes in [0, {label_dim}) '
+                        f'(model.label_dim), or null for each seed\'s own label')
+    if g.grid is not None and not (len(g.grid) == g.steps and min(g.grid) > 0 and sorted(set(g.grid))[::-1] == g.grid):
+        problems.append(f'generate.grid={g.grid} must hold generate.steps={g.steps} positive, strictly decreasing '
+                        f'noise levels tau_K > ... > tau_1, or be null for the generator\'s stored grid')
+    if not (g.png or g.npz):
+        problems.append('generate.png=false and generate.npz=false would write nothing: enable one of them')
+    return problems
 
 def readiness(cfg: Any) -> list[str]:
     """What a launch needs beyond valid values: every required input set and every local file present (objects in a
@@ -126,7 +152,7 @@ def readiness(cfg: Any) -> list[str]:
             problems.append(f'{key} is required for task={cfg.task}: set it to {what}')
         elif missing_local(value):
             problems.append(f'{key}={value} does not exist: download or copy {what} there, or fix the path')
-    reads_data = cfg.data.kind == 'shards' and cfg.task not in ('bench', 'eval')
+    reads_data = cfg.data.kind == 'shards' and cfg.task not in ('bench', 'eval', 'generate')
     if reads_data and cfg.data.path and missing_local(cfg.data.path):
         problems.append(f'data.path={cfg.data.path} does not exist: build the shards with data_tools/make_shards.py')
     if cfg.logging.wandb == 'online' and not wandb_logged_in():

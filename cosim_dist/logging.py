@@ -12,11 +12,11 @@ import resource
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -112,16 +112,25 @@ class RunLogger:
 
 #----------------------------------------------------------------------------
 
-def save_image_grid(images: torch.Tensor, path: pathlib.Path, rows: int) -> None:
-    """Write images [N, C, H, W] in [-1, 1] as one PNG grid with `rows` rows; small images are enlarged
+GRID_PADDING = 2                   # pixels between the cells of a sample grid (and around it)
+
+def save_image_grid(images: torch.Tensor, path: pathlib.Path, rows: int, labels: Sequence[str] = ()) -> None:
+    """Write uint8 images [N, C, H, W] as one RGB PNG grid with `rows` rows, `GRID_PADDING` white pixels apart and
+    around, each row named by its entry of `labels` in a left margin (PIL's default font). Small images are enlarged
     (nearest neighbour) to at least 64 pixels so that the grid is readable."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    n, c, h, w = x.shape
-    cols = -(-n // rows)
-    canvas = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, k * w:(k + 1) * w] = x[i].transpose(1, 2, 0)
+    from torchvision.utils import make_grid
+    n, _, h, w = images.shape
     scale = max(1, 64 // max(h, w))
-    canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas[..., :3]).save(path)
+    x = images.cpu().repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    grid = make_grid(x, nrow=-(-n // rows), padding=GRID_PADDING, pad_value=255)   # 1 channel -> 3
+    cells = Image.fromarray(grid[:3].permute(1, 2, 0).numpy())
+    font = ImageFont.load_default()
+    boxes = [font.getbbox(t) for t in labels]
+    margin = max(b[2] for b in boxes) + 2 * GRID_PADDING if labels else 0
+    canvas = Image.new('RGB', (margin + cells.width, cells.height), 'white')
+    canvas.paste(cells, (margin, 0))
+    draw, size = ImageDraw.Draw(canvas), h * scale
+    for r, (text, box) in enumerate(zip(labels, boxes)):          # centred on its row
+        y = GRID_PADDING + r * (size + GRID_PADDING) + (size - box[1] - box[3]) // 2
+        draw.text((GRID_PADDING, y), text, fill='black', font=font)
+    canvas.save(path)

@@ -1,4 +1,4 @@
-"""Tasks behind `launch.py`: pretrain (toy teacher), train (CoSIM distillation), eval, bench, and the embedded
+"""Tasks behind `launch.py`: pretrain (toy teacher), train (CoSIM distillation), eval, generate, bench, and the embedded
 default pipeline (teacher -> distil -> evaluate). Dispatch only: the components come from build.py."""
 
 import time
@@ -9,6 +9,7 @@ from .build import distil, get_teacher, make_logger, noise_range, prepare_run_di
 from .config import Config, ConfigError, batch_layout
 from .config_checks import real_model
 from .distributed import DistEnv
+from .eval.generate import run_generate
 from .eval.real import evaluate_features
 from .eval.results import format_table
 from .eval.toy import evaluate_toy
@@ -34,6 +35,9 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
         return None
     if cfg.task == 'bench':
         run_bench(cfg, device, env)
+        return None
+    if cfg.task == 'generate':
+        log.info(f'images in {run_generate(cfg, device, env, noise_range(cfg))}')
         return None
     real = real_model(cfg)
     evaluate_real = lambda get_teacher_: evaluate_features(cfg, device, env, should_stop, get_teacher_,

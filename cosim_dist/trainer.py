@@ -15,11 +15,14 @@ from typing import Protocol
 import torch
 
 from . import cosim
-from .config import KernelConfig, LossConfig, TrainConfig, check_resume
+from .config import KernelConfig, LossConfig, TrainConfig
 from .distributed import any_rank, rank_mean
-from .engines import autocast
+from .engines import autocast, saved_client_state
 from .logging import RunLogger, log
+from .nets import build_network
+from .resume import check_resume
 from .seeds import step_seed
+from .teacher_io import arch_name
 
 class BatchStream(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -80,7 +83,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         path = self.checkpointer.stage(self.state.nimg)
         client = {'state': dataclasses.asdict(self.state), 'ema': self.ema.state_dict(), 'data': self.data.state_dict(),
-                  'config': self.fingerprint}
+                  'config': self.fingerprint,    # and the EMA's architecture, so that it can be sampled on its own
+                  'ema_net': {'arch': arch_name(self.ema), 'init_kwargs': self.ema.init_kwargs}}
         try:
             self.g.save(path / 'g', client_state=client)
             self.aux.save(path / 'aux')
@@ -240,3 +244,16 @@ class Trainer:
             self.checkpointer.close()
         self.logger.close()
         return self.state
+
+#----------------------------------------------------------------------------
+
+def load_checkpoint_ema(step_dir: pathlib.Path) -> torch.nn.Module:
+    """The generator EMA of a training checkpoint step directory (fp32, eval mode, frozen), rebuilt from the
+    architecture stored next to it in the client state."""
+    client = saved_client_state(pathlib.Path(step_dir) / 'g')
+    if 'ema_net' not in client:
+        raise ValueError(f'{step_dir}: the checkpoint records no EMA architecture (written before checkpoints stored '
+                         f'it): resume training to write a new checkpoint, or sample <run dir>/generator.pt')
+    net = build_network(client['ema_net']['arch'], **client['ema_net']['init_kwargs'])
+    net.load_state_dict(client['ema'])
+    return net.float().eval().requires_grad_(False)

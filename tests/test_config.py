@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cosim_dist.config import CONFIG_DIR, ConfigError, group_choices, load_config, save_config
+from cosim_dist.config import CONFIG_DIR, ConfigError, group_choices, load_config, parse_seeds, save_config
 
 ROOT = CONFIG_DIR.parent
 
@@ -41,11 +41,21 @@ def test_defaults_groups_and_overrides():
      "eval.samplers=['heun', 'euler'] is invalid; give a non-empty list of: heun, dpm, cosim"),
     (['eval.metrics=[]'], 'eval.metrics=[] is invalid; give a non-empty list of: inception, dinov2'),
     (['positional'], "cannot parse argument 'positional'"),
+    (['generate.seeds=7-3'], "generate.seeds='7-3' cannot be parsed"),
+    (['generate.seeds=a'], "generate.seeds='a' cannot be parsed"),
+    (['generate.classes=[10]'], 'generate.classes=[10] must be a non-empty list of classes in [0, 10)'),
+    (['generate.steps=2', 'generate.grid=[80]'], 'generate.grid=[80.0] must hold generate.steps=2 positive'),
+    (['generate.steps=2', 'generate.grid=[1,2]'], 'strictly decreasing'),
+    (['generate.png=false'], 'would write nothing'),
 ])
 def test_bad_config_is_a_clear_error(args, message):
     with pytest.raises(ConfigError) as e:
         load_config(args)
     assert message in str(e.value)
+
+def test_generate_seeds_are_ranges_and_numbers():
+    assert parse_seeds('0-3,7, 10-11') == [0, 1, 2, 3, 7, 10, 11] and parse_seeds(5) == [5]
+    assert parse_seeds(load_config(['generate.seeds=0-63']).generate.seeds) == list(range(64))
 
 def test_saved_yaml_round_trips(tmp_path):
     cfg = load_config(['train.kimg=7'])
