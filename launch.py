@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('overrides', nargs='*', help='group=name selections and dotted key=value overrides')
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.overrides)
+        cfg = load_config(args.overrides, ready=not args.dry_run)
         if args.cluster == 'slurm':
             from launchers.slurm import SlurmOptions, submit
             options = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             return launch_processes(args.nproc, args.overrides)
         launch_local(cfg)
     except (ConfigError, FileNotFoundError) as e:   # DistributedEnvError is a ConfigError
-        print(f'error: {e}', file=sys.stderr)
+        for line in str(e).splitlines():
+            print(f'error: {line}', file=sys.stderr)
         return 2
     return 0
 

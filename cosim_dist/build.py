@@ -2,13 +2,16 @@
 (an official checkpoint or the cached toy teacher), the engines of the generator and the auxiliary, the checkpoint
 manager, the logger and the Trainer that receives them all (Eq. L1). Dispatch lives in tasks.py."""
 
+import dataclasses
+import datetime
 import pathlib
 
 import torch
+from omegaconf import OmegaConf
 
 from . import cosim
 from .checkpoint import CheckpointManager
-from .config import Config, ConfigError, batch_layout, config_hash, resume_fingerprint, save_config
+from .config import Config, ConfigError, batch_layout, config_hash, save_config
 from .distributed import DistEnv
 from .engines import DeepSpeedEngine, TorchEngine, compile_network, place_teacher, prepare_network
 from .latents import latent_scale_bias
@@ -16,6 +19,7 @@ from .logging import RunLogger, log
 from .nets import TRAINING_KWARGS, build_network, weight_constraint
 from .nets.aux import make_auxiliary
 from .pretrain import pretrain_teacher
+from .resume import resume_fingerprint
 from .storage import StorageConfig, missing_local
 from .teacher_io import arch_name, load_network, load_snapshot, save_snapshot
 from .toy import GMMStream, GMMWorld
@@ -25,7 +29,8 @@ from .trainer import Trainer
 # Run directory, data, logging.
 
 def prepare_run_dir(cfg: Config) -> pathlib.Path:
-    """Create <run.root>/<run.name> and save the resolved config; a one-line error if not writable."""
+    """Create <run.root>/<run.name>; a one-line error if not writable. The config is recorded once the start is
+    accepted (`record_invocation`)."""
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -35,8 +40,20 @@ def prepare_run_dir(cfg: Config) -> pathlib.Path:
     except OSError as e:
         raise ConfigError(f'run directory {run_dir} is not writable ({e.strerror}); '
                           f'choose another with run.root=DIR or run.name=NAME') from None
-    save_config(cfg, run_dir)
     return run_dir
+
+def record_invocation(cfg: Config) -> pathlib.Path:
+    """Rank 0, once the start is accepted (for training: after the resume check). The run's first invocation writes
+    <run_dir>/config.yaml, never rewritten; each later one <run_dir>/invocations/<UTC time>.yaml with its command-line
+    overrides and the config they resolved to. A refused start writes nothing."""
+    if not (cfg.run_dir / 'config.yaml').exists():
+        return save_config(cfg, cfg.run_dir)
+    now = datetime.datetime.now(datetime.UTC)
+    path = cfg.run_dir / 'invocations' / f'{now:%Y%m%dT%H%M%S.%fZ}.yaml'
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(OmegaConf.to_yaml({'time': now.isoformat(), 'overrides': list(cfg.run.overrides),
+                                       'config': OmegaConf.structured(cfg)}))
+    return path
 
 def make_world(cfg: Config) -> GMMWorld:
     if cfg.data.kind != 'gmm':
@@ -75,7 +92,8 @@ def check_dataset(cfg: Config, info) -> None:
                               f'--raw-mean/--raw-std matching the model, or fix the config')
 
 def make_logger(cfg: Config, name: str, rank: int = 0) -> RunLogger:
-    return RunLogger(cfg.run_dir, name, config=dict(groups=cfg.groups, task=cfg.task), wandb_mode=cfg.logging.wandb,
+    """The logger of one phase (`name`: pretrain, train, eval); wandb receives the full resolved config."""
+    return RunLogger(cfg.run_dir, name, config=dataclasses.asdict(cfg), wandb_mode=cfg.logging.wandb,
                      project=cfg.logging.project, progress=cfg.logging.progress, rank=rank)
 
 def noise_range(cfg: Config) -> cosim.NoiseRange:
@@ -153,10 +171,11 @@ def student_kwargs(cfg: Config, teacher: torch.nn.Module) -> dict:
     return {**teacher.init_kwargs, **{k: want[k] for k in TRAINING_KWARGS if k in want}}
 
 def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
-                  should_stop=lambda: False, data=None, checkpoints: bool = True, timer=None) -> Trainer:
+                  should_stop=lambda: False, data=None, checkpoints: bool = True, timer=None,
+                  on_start=lambda: None) -> Trainer:
     """Generator and auxiliary initialised from the teacher (fp32), their engines, data, schedule, checkpoints, with
     the engine's speed options (channels_last, activation checkpointing, torch.compile). The benchmark passes its
-    synthetic `data`, `checkpoints=False` and a per-phase `timer` (see Trainer)."""
+    synthetic `data`, `checkpoints=False` and a per-phase `timer`; `distil` an `on_start` (see Trainer)."""
     t, s, e = cfg.train, cfg.schedule, cfg.engine
     G = build_network(cfg.model.arch, **student_kwargs(cfg, teacher))
     G.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
@@ -175,13 +194,17 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
                    logger=make_logger(cfg, 'train', env.rank), device=device, precision=e.precision,
                    checkpointer=make_checkpointer(cfg, env) if checkpoints else None, should_stop=should_stop,
                    rank=env.rank, world_size=env.world_size, batch_gpu=batch_gpu, fingerprint=resume_fingerprint(cfg),
-                   timer=timer)
+                   timer=timer, on_start=on_start)
 
 def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
            should_stop=lambda: False) -> torch.nn.Module:
-    """Train (or resume) the generator; returns its EMA, also saved (rank 0) as <run_dir>/generator.pt."""
-    trainer = build_trainer(cfg, teacher, device, env, should_stop)
+    """Train (or resume) the generator; returns its EMA, also saved (rank 0) as <run_dir>/generator.pt with its
+    default Eq. S1 grid for every K of eval.steps (`extra['grids']`, used by task=generate). The invocation is
+    recorded once the checkpoint's config was accepted."""
+    trainer = build_trainer(cfg, teacher, device, env, should_stop,
+                            on_start=(lambda: record_invocation(cfg)) if env.rank == 0 else lambda: None)
     state = trainer.train()
     if env.rank == 0 and state.nimg >= cfg.train.kimg * 1000:
-        save_snapshot(cfg.run_dir / 'generator.pt', trainer.ema)
+        grids = {K: cosim.default_grid(K, noise_range(cfg), cfg.eval.grid_scale) for K in cfg.eval.steps}
+        save_snapshot(cfg.run_dir / 'generator.pt', trainer.ema, extra={'grids': grids})
     return trainer.ema

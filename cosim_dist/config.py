@@ -1,8 +1,8 @@
 """Typed configuration: dataclass schema, omegaconf groups (`model=toy data=gmm`), dotted overrides,
 validation that names the offending key and the valid choices, and the resolved-YAML dump.
 
-This module is the one home of every key: its default, its one-line meaning and its validation. It imports no
-torch, so parsing arguments (`launch.py --help`, `--dry-run`, Slurm submission) stays fast."""
+This module is the one home of every key (its default and its one-line meaning); config_checks.py validates them, once.
+Neither imports torch, so parsing arguments (`launch.py --help`, `--dry-run`, Slurm submission) stays fast."""
 
 import dataclasses
 import difflib
@@ -11,16 +11,17 @@ import json
 import pathlib
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .config_checks import ARCHS, TASKS, ConfigError, batch_layout, lookup, parse_seeds, readiness, validate  # noqa: F401 (re-exported)
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-TASKS = ('default', 'pretrain', 'train', 'eval', 'bench')
-ARCHS = ('toy', 'songunet', 'dhariwalunet', 'edm2')        # model.arch: the networks of cosim_dist.nets.ARCHS
 DEFAULT_GROUPS = {'model': 'toy', 'data': 'gmm'}
 
-class ConfigError(ValueError):
-    """A bad configuration value or key; the message names it and the fix."""
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml'))
 
 #----------------------------------------------------------------------------
 # Schema. Every field carries a one-line comment; group YAMLs under configs/ override these defaults.
@@ -31,6 +32,7 @@ class RunConfig:
     root: str = 'runs'               # directory that holds all run directories
     seed: int = 0                    # global seed (data order, noise, initialisation)
     device: str = 'auto'             # auto | cpu | cuda
+    overrides: list[str] = dataclasses.field(default_factory=list)  # this invocation's arguments (set by load_config)
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -162,6 +164,17 @@ class EvalConfig:
     png_dir: str | None = None       # also write <png_dir>/<sampler>/<seed // 1000 * 1000>/<seed>.png
 
 @dataclasses.dataclass
+class GenerateConfig:
+    generator: str | None = None     # snapshot, export, s3:// or checkpoint step dir (EMA); default <run>/generator.pt
+    seeds: str = '0-63'              # seeds, one image each: ranges and numbers, comma-separated ('0-63', '0,5,10-19')
+    classes: list[int] | None = None # class of the i-th seed: classes[i % len]; null = each seed's own random label
+    steps: int = 1                   # sampler steps K (Eq. S1)
+    grid: list[float] | None = None  # tau_K > ... > tau_1; null = the grid stored with the generator, else the default
+    out: str | None = None           # output directory (default <run dir>/generated)
+    png: bool = True                 # write <out>/<seed // 1000 * 1000>/<seed>.png (eval.png_dir's layout)
+    npz: bool = False                # write <out>/images.npz: images (uint8, N x H x W x C), labels, seeds
+
+@dataclasses.dataclass
 class BenchConfig:
     warmup: int = 3                  # task=bench: untimed iterations first (allocator, autotuning, torch.compile)
     iters: int = 10                  # timed iterations
@@ -175,7 +188,7 @@ class LoggingConfig:
 
 @dataclasses.dataclass
 class Config:
-    # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval | bench
+    # default (pretrain toy if needed, distil, evaluate) | pretrain | train | eval | generate | bench
     task: str = 'default'
     groups: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_GROUPS))  # selected groups
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -191,89 +204,13 @@ class Config:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     @property
     def run_dir(self) -> pathlib.Path:
         return pathlib.Path(self.run.root) / self.run.name
-
-#----------------------------------------------------------------------------
-# Choices validated after merging (key -> allowed values).
-
-CHOICES = {
-    'task': TASKS,
-    'model.arch': ARCHS,
-    'run.device': ('auto', 'cpu', 'cuda'),
-    'aux.t_embed': ('gated', 'sum'),
-    'data.kind': ('gmm', 'shards'),
-    'logging.wandb': ('offline', 'online', 'disabled'),
-    'engine.backend': ('torch', 'deepspeed'),
-    'engine.zero_stage': (0, 1, 2, 3),
-    'engine.precision': ('fp32', 'bf16'),
-    'engine.compile': ('none', 'default', 'reduce-overhead', 'max-autotune'),
-    'teacher.precision': ('auto', 'bf16', 'fp32'),
-    'teacher.offload': ('none', 'cpu'),
-}
-
-def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(micro-batch per rank, accumulation rounds) with batch = micro-batch x world size x rounds."""
-    batch_gpu = train.batch_gpu or train.batch // world_size
-    if batch_gpu < 1 or train.batch % (batch_gpu * world_size):
-        raise ConfigError(f'train.batch={train.batch} must be a multiple of '
-                          f'train.batch_gpu={train.batch_gpu or batch_gpu} x world size {world_size}; '
-                          f'change one of the three numbers')
-    return batch_gpu, train.batch // (batch_gpu * world_size)
-
-def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml'))
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split('.'):
-        cfg = getattr(cfg, part)
-    return cfg
-
-def validate(cfg: Config) -> None:
-    """Check choices and cross-field constraints; raise ConfigError naming the key and the fix.
-    (The batch / micro-batch / world-size relation is checked at launch, see `batch_layout`.)"""
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f'{key}={_get(cfg, key)!r} is invalid; valid choices: {", ".join(map(str, allowed))}')
-    for keys, ok, rule in ((('train.lr_g', 'train.lr_aux', 'train.eps', 'pretrain.lr', 'pretrain.kimg',
-                             'model.sigma_data', 'model.resolution', 'model.channels', 'schedule.sigma_min',
-                             'schedule.rho', 'schedule.ratio', 'checkpoint.keep', 'train.batch', 'train.kimg',
-                             'pretrain.batch', 'eval.num_samples', 'eval.batch', 'eval.heun_steps',
-                             'train.aux_steps_per_gen', 'eval.chunk', 'eval.decode_batch',
-                             'data.gmm.noise_std'), lambda v: v > 0, '> 0'),
-                           (('data.gmm.classes', 'data.gmm.components', 'data.gmm.rank'), lambda v: v >= 1, '>= 1'),
-                           (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
-                           (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'),
-                            lambda v: v >= 0, '>= 0')):
-        # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)
-        for key in keys:
-            if not ok(_get(cfg, key)):
-                raise ConfigError(f'{key}={_get(cfg, key)} must be {rule}')
-    if cfg.schedule.sigma_max <= cfg.schedule.sigma_min:
-        raise ConfigError(f'schedule.sigma_max={cfg.schedule.sigma_max} must exceed '
-                          f'schedule.sigma_min={cfg.schedule.sigma_min}')
-    if any(k < 1 for k in cfg.eval.steps):
-        raise ConfigError(f'eval.steps={cfg.eval.steps}: every sampler step count K must be >= 1')
-    for key, allowed in (('eval.samplers', ('heun', 'dpm', 'cosim')), ('eval.metrics', ('inception', 'dinov2'))):
-        values = _get(cfg, key)
-        if not values or any(v not in allowed for v in values):
-            raise ConfigError(f'{key}={values} is invalid; give a non-empty list of: {", ".join(allowed)}')
-    if cfg.loss.lmbda < 0:
-        raise ConfigError(f'loss.lmbda={cfg.loss.lmbda} must be >= 0')
-    if not 0 < cfg.kernel.eta <= 1:
-        raise ConfigError(f'kernel.eta={cfg.kernel.eta} must lie in (0, 1]')
-    if cfg.engine.compile != 'none' and (cfg.engine.zero_stage == 3 or cfg.teacher.offload == 'cpu'):
-        raise ConfigError(f'engine.compile={cfg.engine.compile} does not combine with ZeRO-3 parameter partitioning '
-                          f'(engine.zero_stage=3 or teacher.offload=cpu): use engine.compile=none or ZeRO stage <= 2')
-    if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
-        raise ConfigError('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: '
-                          'set engine.backend=deepspeed')
-    if cfg.data.kind == 'shards' and not cfg.data.path and cfg.task not in ('bench', 'eval'):  # neither reads data
-        raise ConfigError('data.kind=shards needs data.path=<shard directory or s3:// prefix>')
 
 #----------------------------------------------------------------------------
 # Loading: schema defaults <- group files <- dotted overrides.
@@ -300,7 +237,18 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         err = _unknown_key_error(key, _parent(base, key))
         raise ConfigError(f'{source}: {err}') from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f'{source}: bad value for {e.full_key!r}: {e.msg.splitlines()[0]}') from None
+        key = e.full_key
+        if isinstance(OmegaConf.select(base, key), ListConfig):
+            raise ConfigError(f'{source}: {key} takes a list, e.g. {key}=[1,2]') from None
+        raise ConfigError(f'{source}: bad value for {key!r}: {e.msg.splitlines()[0]}') from None
+
+def _dotlist(item: str) -> DictConfig:
+    """One `key=value` override; a value that is not YAML (an unbalanced bracket, a stray quote) is a ConfigError."""
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        raise ConfigError(f'override {item!r} is not valid YAML ({getattr(e, "problem", None) or e}): '
+                          f'close the bracket or quote the value') from None
 
 def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
     """Split `group=name` selections from dotted `key=value` overrides."""
@@ -335,23 +283,38 @@ def load_group(group: str, name: str,
         defaults = {**inherited, **defaults}
     return fragments + [(str(path.relative_to(CONFIG_DIR.parent)), node)], defaults
 
-def load_config(args: list[str] = ()) -> Config:
-    """Resolve a Config from command-line style arguments (`model=toy train.kimg=50`)."""
+def load_config(args: list[str] = (), ready: bool = False) -> Config:
+    """Resolve a Config from command-line style arguments (`model=toy train.kimg=50`). Every problem is reported
+    together in one ConfigError; with `ready` (launch.py) also every missing required value or local file."""
     selected, dotlist = parse_overrides(list(args))
-    groups = {**DEFAULT_GROUPS, **selected}
+    groups, problems = {**DEFAULT_GROUPS, **selected}, []
     cfg = OmegaConf.structured(Config)
     for group in list(groups):          # model first: its `defaults` may pick the data group
-        fragments, defaults = load_group(group, groups[group])
-        groups.update({g: n for g, n in defaults.items() if g not in selected and g != group})
-        for source, node in fragments:
-            cfg = _merge(cfg, node, source)
+        try:
+            fragments, defaults = load_group(group, groups[group])
+            groups.update({g: n for g, n in defaults.items() if g not in selected and g != group})
+            for source, node in fragments:
+                cfg = _merge(cfg, node, source)
+        except ConfigError as e:
+            problems += e.problems
     cfg = _merge(cfg, OmegaConf.create({'groups': groups}), 'groups')
-    for item in dotlist:
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f'override {item!r}')
+    for item in dotlist:                # every bad override is reported, the good ones still apply
+        try:
+            cfg = _merge(cfg, _dotlist(item), f'override {item!r}')
+        except ConfigError as e:
+            problems += e.problems
     obj: Config = OmegaConf.to_object(cfg)
     if obj.run.name is None:
         obj.run.name = '-'.join(groups.values())
-    validate(obj)
+    obj.run.overrides = list(args)
+    if not any(p.startswith(tuple(f'{g}=' for g in groups)) for p in problems):   # else its values are noise
+        try:
+            validate(obj)
+        except ConfigError as e:
+            problems += e.problems
+        problems += readiness(obj) if ready else []
+    if problems:
+        raise ConfigError(*problems)
     return obj
 
 def to_yaml(cfg: Config) -> str:
@@ -361,29 +324,6 @@ def config_hash(section: Any) -> str:
     """Short stable hash of a config section (used to key caches and detect incompatible resumes)."""
     blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-RESUME_SECTIONS = ('run.seed', 'model', 'aux', 'data', 'schedule', 'kernel', 'loss', 'engine.backend',
-                   'engine.zero_stage', 'train.batch', 'train.lr_g', 'train.lr_aux', 'train.beta1', 'train.beta2',
-                   'train.eps', 'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen')
-
-def _flatten(prefix: str, value: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flatten(f'{prefix}.{key}', sub).items()}
-    return {prefix: value}
-
-def resume_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The settings a checkpoint must be resumed with (train.kimg, logging, eval may change)."""
-    return {k: v for key in RESUME_SECTIONS for k, v in _flatten(key, _get(cfg, key)).items()}
-
-def check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    """Raise ConfigError listing every setting that differs from the checkpoint's."""
-    diff = [f'{k}: {saved.get(k, "<unset>")!r} in the checkpoint, {now.get(k, "<unset>")!r} now'
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if diff:
-        raise ConfigError('cannot resume: the config differs from the checkpoint\'s (' + '; '.join(diff)
-                          + '); restore these values or start a new run with run.name=...')
 
 def save_config(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:
     """Write the resolved YAML to <run_dir>/config.yaml."""

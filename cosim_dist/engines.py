@@ -94,6 +94,16 @@ class TorchEngine:
         self.optimizer.load_state_dict(sd['optimizer'])
         return sd['client_state']
 
+def saved_client_state(directory: pathlib.Path) -> dict:
+    """The client state of an engine save of either backend, read without building an engine (DeepSpeed keeps it
+    in the module-states file of model-parallel rank 0)."""
+    for path in (directory / 'engine.pt', directory / 'state' / 'mp_rank_00_model_states.pt'):
+        if path.is_file():
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            return state['client_state'] if path.name == 'engine.pt' else state
+    raise FileNotFoundError(f'{directory} holds no engine state (engine.pt or state/mp_rank_00_model_states.pt): '
+                            f'pass a committed checkpoint step directory, <checkpoints>/step-<nimg>')
+
 #----------------------------------------------------------------------------
 
 def import_deepspeed():

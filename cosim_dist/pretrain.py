@@ -45,6 +45,6 @@ def pretrain_teacher(net: torch.nn.Module, data: BatchStream, cfg: PretrainConfi
         cosim.ema_update(ema, net, cosim.ema_beta(x0.shape[0], nimg, cfg.ema_halflife_kimg, 0.1))
         logger.advance(x0.shape[0], loss=loss.item())
         if nimg % (cfg.batch * 50) == 0 or nimg >= total:
-            logger.scalars(nimg, {'pretrain/loss': loss.item()})
+            logger.status(nimg, {'pretrain/loss': loss.item()})
     logger.close()
     return ema

@@ -1,36 +1,20 @@
-"""Tasks behind `launch.py`: pretrain (toy teacher), train (CoSIM distillation), eval, bench, and the embedded
+"""Tasks behind `launch.py`: pretrain (toy teacher), train (CoSIM distillation), eval, generate, bench, and the embedded
 default pipeline (teacher -> distil -> evaluate). Dispatch only: the components come from build.py."""
 
 import time
 
 from . import distributed
 from .bench import run_bench
-from .build import distil, get_teacher, make_logger, noise_range, prepare_run_dir
+from .build import distil, get_teacher, make_logger, noise_range, prepare_run_dir, record_invocation
 from .config import Config, ConfigError, batch_layout
+from .config_checks import real_model
 from .distributed import DistEnv
+from .eval.generate import run_generate
 from .eval.real import evaluate_features
 from .eval.results import format_table
 from .eval.toy import evaluate_toy
 from .logging import log
-from .storage import missing_local
 from .teacher_io import load_snapshot
-
-def feature_evaluation(cfg: Config) -> bool:
-    """Real models (an official teacher, a non-toy network or real data) are evaluated with FID / FD-DINOv2
-    (eval/real.py); the toy world against its exact moments."""
-    return cfg.model.teacher is not None or cfg.model.arch != 'toy' or cfg.data.kind != 'gmm'
-
-def check_eval_inputs(cfg: Config) -> None:
-    """task=default on a real model evaluates after training: fail now, not after days, if its files are missing."""
-    e = cfg.eval
-    needed = {f'eval.{m}_weights': getattr(e, f'{m}_weights') for m in e.metrics} | {'eval.ref': e.ref}
-    if cfg.model.latent_raw_mean is not None:
-        needed['eval.vae'] = e.vae
-    missing = [f'{k}={v}' for k, v in needed.items()
-               if v is None or missing_local(v)]
-    if missing:
-        raise ConfigError(f'task=default evaluates after training, but these inputs are missing: {", ".join(missing)}; '
-                          f'set them (README, "Evaluating real models") or run task=train now and task=eval later')
 
 def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> list[dict] | None:
     """Execute cfg.task on this rank (all ranks call it); returns the evaluation rows on rank 0."""
@@ -41,6 +25,8 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
         raise ConfigError(str(e)) from None
     batch_layout(cfg.train, env.world_size)
     run_dir = prepare_run_dir(cfg) if env.rank == 0 else cfg.run_dir
+    if env.rank == 0 and cfg.task not in ('train', 'default'):
+        record_invocation(cfg)                             # training records once its resume check passed (distil)
     log.info(f'task={cfg.task} run_dir={run_dir} device={device} world_size={env.world_size}')
     t0 = time.time()
     if cfg.task == 'pretrain':
@@ -50,15 +36,16 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     if cfg.task == 'bench':
         run_bench(cfg, device, env)
         return None
-    real = feature_evaluation(cfg)
+    if cfg.task == 'generate':
+        log.info(f'images in {run_generate(cfg, device, env, noise_range(cfg))}')
+        return None
+    real = real_model(cfg)
     evaluate_real = lambda get_teacher_: evaluate_features(cfg, device, env, should_stop, get_teacher_,
                                                            noise_range(cfg), make_logger(cfg, 'eval', env.rank))
     if cfg.task == 'eval' and real:
         return evaluate_real(lambda: get_teacher(cfg, device))
     if env.rank == 0:
         teacher = get_teacher(cfg, device)
-    if cfg.task == 'default' and real:
-        check_eval_inputs(cfg)
     distributed.barrier()
     if env.rank != 0:
         teacher = get_teacher(cfg, device)                 # the toy teacher is cached by rank 0 by now

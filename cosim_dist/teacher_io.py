@@ -148,11 +148,15 @@ def _frozen(net: torch.nn.Module) -> torch.nn.Module:
 def load_network(path_or_url: str | os.PathLike) -> torch.nn.Module:
     """Our preconditioned denoiser (fp32, eval mode, frozen) from an official EDM / EDM2 / SiD pickle (the 'ema'
     network), one of our snapshots (save_snapshot) or an export directory (export_safetensors)."""
+    return load_network_and_extra(path_or_url)[0]
+
+def load_network_and_extra(path_or_url: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
+    """load_network's network and, for our snapshots, their `extra` metadata (else {})."""
     path = local_path(path_or_url)
     if path.is_dir():
-        return load_export(path)
+        return load_export(path), {}
     if zipfile.is_zipfile(path):
-        return load_snapshot(path)[0]
+        return load_snapshot(path)
     with open(path, 'rb') as f:
         data = RestrictedUnpickler(f).load()
     ema = data.get('ema') if isinstance(data, dict) else None
@@ -166,7 +170,7 @@ def load_network(path_or_url: str | os.PathLike) -> torch.nn.Module:
     if missing or unexpected:
         raise ValueError(f'{path}: {ema.class_name} weights do not match architecture {arch!r} {kwargs}: '
                          f'{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}')
-    return _frozen(net)
+    return _frozen(net), {}
 
 #----------------------------------------------------------------------------
 # Our own formats. Snapshot: torch.save of {arch, init_kwargs, state_dict, extra}, read with weights_only=True.

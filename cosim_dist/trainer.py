@@ -9,18 +9,20 @@ import contextlib
 import dataclasses
 import pathlib
 import shutil
-import time
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from . import cosim
-from .config import KernelConfig, LossConfig, TrainConfig, check_resume
+from .config import KernelConfig, LossConfig, TrainConfig
 from .distributed import any_rank, rank_mean
-from .engines import autocast
+from .engines import autocast, saved_client_state
 from .logging import RunLogger, log
+from .nets import build_network
+from .resume import check_resume
 from .seeds import step_seed
+from .teacher_io import arch_name
 
 class BatchStream(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -55,7 +57,8 @@ class Trainer:
                  sigma_data: float, seed: int, logger: RunLogger, device: torch.device, precision: str = 'fp32',
                  checkpointer: Checkpointer | None = None, should_stop: Callable[[], bool] = lambda: False,
                  rank: int = 0, world_size: int = 1, batch_gpu: int | None = None, fingerprint: dict | None = None,
-                 timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> None:
+                 timer: Callable[[str], contextlib.AbstractContextManager] | None = None,
+                 on_start: Callable[[], None] = lambda: None) -> None:
         self.teacher, self.g, self.aux, self.data = teacher, g_engine, aux_engine, data
         self.schedule, self.train_cfg, self.loss_cfg, self.kernel_cfg = schedule, train, loss, kernel
         self.sigma_data, self.seed, self.logger, self.device, self.precision = (sigma_data, seed, logger, device,
@@ -63,6 +66,7 @@ class Trainer:
         self.checkpointer, self.should_stop = checkpointer, should_stop
         self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint or {}
         self.timer = timer or (lambda phase: contextlib.nullcontext())   # phase -> context (the benchmark's clock)
+        self.on_start = on_start           # called once the start is accepted (resume check passed), before step 1
         self.batch_gpu = batch_gpu or train.batch // world_size
         self.rounds = train.batch // (self.batch_gpu * world_size)
         self.alpha = cosim.generator_alpha(loss.lmbda, loss.alpha)
@@ -79,7 +83,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         path = self.checkpointer.stage(self.state.nimg)
         client = {'state': dataclasses.asdict(self.state), 'ema': self.ema.state_dict(), 'data': self.data.state_dict(),
-                  'config': self.fingerprint}
+                  'config': self.fingerprint,    # and the EMA's architecture, so that it can be sampled on its own
+                  'ema_net': {'arch': arch_name(self.ema), 'init_kwargs': self.ema.init_kwargs}}
         try:
             self.g.save(path / 'g', client_state=client)
             self.aux.save(path / 'aux')
@@ -208,12 +213,13 @@ class Trainer:
         should_stop() is true (agreed at a step boundary), after saving a checkpoint."""
         cfg = self.train_cfg
         self.load_checkpoint()
+        self.on_start()
         self.saved_nimg = self.state.nimg
         total, batch = int(cfg.kimg * 1000), cfg.batch
         self.logger.start(total, min(self.state.nimg, total), 'distil')
         next_log = self.state.nimg + cfg.log_kimg * 1000
         next_ckpt = self.state.nimg + cfg.checkpoint_kimg * 1000
-        sums, count, t0 = {'loss/aux': 0.0, 'loss/gen': 0.0}, 0, time.time()
+        sums, count = {'loss/aux': 0.0, 'loss/gen': 0.0}, 0
         while self.state.nimg < total:
             if any_rank(self.should_stop()):
                 log.info(f'stop requested: saving at {self.state.nimg / 1000:.1f} kimg')
@@ -225,10 +231,9 @@ class Trainer:
             self.logger.advance(batch, aux=sums['loss/aux'] / count, gen=sums['loss/gen'] / count)
             done = self.state.nimg >= total
             if self.state.nimg >= next_log or done:
-                rate = count * batch / (time.time() - t0)
-                self.logger.scalars(self.state.nimg, rank_mean({k: v / count for k, v in sums.items()})
-                                    | {'perf/img_per_s': rate, 'nan_dropped': self.state.nan_dropped})
-                sums, count, t0 = dict.fromkeys(sums, 0.0), 0, time.time()
+                self.logger.status(self.state.nimg, rank_mean({k: v / count for k, v in sums.items()}),
+                                   nan_dropped=self.state.nan_dropped)
+                sums, count = dict.fromkeys(sums, 0.0), 0
                 next_log += cfg.log_kimg * 1000
             if self.checkpointer is not None and cfg.checkpoint_kimg > 0 and self.state.nimg >= next_ckpt and not done:
                 self.save_checkpoint()
@@ -239,3 +244,16 @@ class Trainer:
             self.checkpointer.close()
         self.logger.close()
         return self.state
+
+#----------------------------------------------------------------------------
+
+def load_checkpoint_ema(step_dir: pathlib.Path) -> torch.nn.Module:
+    """The generator EMA of a training checkpoint step directory (fp32, eval mode, frozen), rebuilt from the
+    architecture stored next to it in the client state."""
+    client = saved_client_state(pathlib.Path(step_dir) / 'g')
+    if 'ema_net' not in client:
+        raise ValueError(f'{step_dir}: the checkpoint records no EMA architecture (written before checkpoints stored '
+                         f'it): resume training to write a new checkpoint, or sample <run dir>/generator.pt')
+    net = build_network(client['ema_net']['arch'], **client['ema_net']['init_kwargs'])
+    net.load_state_dict(client['ema'])
+    return net.float().eval().requires_grad_(False)

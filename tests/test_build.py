@@ -5,6 +5,7 @@ model from latent shards through the `edm2-xs` group."""
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cosim_dist import build, tasks
 from cosim_dist.config import ConfigError, load_config
@@ -78,10 +79,48 @@ def test_edm2_latent_training_run(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(G.state_dict().values(), teacher.state_dict().values()))
 
 def test_default_task_checks_evaluation_inputs_before_training(tmp_path):
-    """task=default on a real model trains for days and then evaluates: its missing files are named up front."""
+    """task=default on a real model trains for days and then evaluates: its missing inputs are named at launch."""
     save_snapshot(tmp_path / 't.pt', tiny_edm2())
-    cfg = load_config(['model=edm2-xs', f'data.path={tmp_path}', *TINY, f'model.teacher={tmp_path}/t.pt',
-                       f'eval.ref={tmp_path}/ref.pkl', f'run.root={tmp_path}', 'run.device=cpu'])
-    with pytest.raises(ConfigError, match=r'missing: eval.inception_weights=None, eval.dinov2_weights=None, '
-                                          r'eval.ref=.*ref.pkl, eval.vae=None'):
-        tasks.run(cfg)
+    args = ['model=edm2-xs', f'data.path={tmp_path}', *TINY, f'model.teacher={tmp_path}/t.pt',
+            f'eval.ref={tmp_path}/ref.pkl', f'run.root={tmp_path}', 'run.device=cpu']
+    with pytest.raises(ConfigError) as e:
+        load_config(args, ready=True)
+    assert e.value.problems == [
+        f'eval.ref={tmp_path}/ref.pkl does not exist: download or copy reference statistics (EDM2 '
+        'dataset-refs/*.pkl or data_tools/ref_stats.py) there, or fix the path',
+        'eval.inception_weights is required for task=default: set it to the inception weights file',
+        'eval.dinov2_weights is required for task=default: set it to the dinov2 weights file',
+        'eval.vae is required for task=default: set it to a local diffusers AutoencoderKL directory '
+        '(stabilityai/sd-vae-ft-mse)']
+
+#----------------------------------------------------------------------------
+# The run's records: config.yaml from the first invocation, one record per later invocation, none for a refusal.
+
+RECORD_ARGS = ['run.name=rec', 'train.batch=32', 'train.kimg=0.064', 'train.checkpoint_kimg=0.064',
+               'logging.wandb=disabled', 'logging.progress=false', 'model.net.model_channels=16']
+
+def distil_invocation(root, *extra: str) -> None:
+    cfg = load_config([f'run.root={root}', *RECORD_ARGS, *extra])
+    build.prepare_run_dir(cfg)
+    torch.manual_seed(0)
+    build.distil(cfg, build.new_network(cfg).eval().requires_grad_(False), torch.device('cpu'))
+
+def config_files(run_dir) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in [run_dir / 'config.yaml',
+                                                                  *(run_dir / 'invocations').glob('*.yaml')]}
+
+def test_config_yaml_is_written_once_and_later_invocations_are_recorded(tmp_path):
+    run_dir = tmp_path / 'rec'
+    distil_invocation(tmp_path)
+    first = config_files(run_dir)
+    assert list(first) == ['config.yaml'] and load_config([]).run.overrides == []
+    assert OmegaConf.load(run_dir / 'config.yaml').train.kimg == 0.064
+    distil_invocation(tmp_path, 'train.kimg=0.128')                       # a longer run, resumed
+    second = config_files(run_dir)
+    [record] = set(second) - set(first)
+    assert second['config.yaml'] == first['config.yaml'] and record.startswith('invocations/')
+    saved = OmegaConf.load(run_dir / record)
+    assert saved.overrides[-1] == 'train.kimg=0.128' and saved.config.train.kimg == 0.128 and 'time' in saved
+    with pytest.raises(ConfigError, match='loss.lmbda: 1.0 in the checkpoint, 0.5 now'):
+        distil_invocation(tmp_path, 'train.kimg=0.192', 'loss.lmbda=0.5')   # refused: nothing changes
+    assert config_files(run_dir) == second

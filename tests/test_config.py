@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cosim_dist.config import CONFIG_DIR, ConfigError, group_choices, load_config, save_config
+from cosim_dist.config import CONFIG_DIR, ConfigError, group_choices, load_config, parse_seeds, save_config
 
 ROOT = CONFIG_DIR.parent
 
@@ -41,11 +41,21 @@ def test_defaults_groups_and_overrides():
      "eval.samplers=['heun', 'euler'] is invalid; give a non-empty list of: heun, dpm, cosim"),
     (['eval.metrics=[]'], 'eval.metrics=[] is invalid; give a non-empty list of: inception, dinov2'),
     (['positional'], "cannot parse argument 'positional'"),
+    (['generate.seeds=7-3'], "generate.seeds='7-3' cannot be parsed"),
+    (['generate.seeds=a'], "generate.seeds='a' cannot be parsed"),
+    (['generate.classes=[10]'], 'generate.classes=[10] must be a non-empty list of classes in [0, 10)'),
+    (['generate.steps=2', 'generate.grid=[80]'], 'generate.grid=[80.0] must hold generate.steps=2 positive'),
+    (['generate.steps=2', 'generate.grid=[1,2]'], 'strictly decreasing'),
+    (['generate.png=false'], 'would write nothing'),
 ])
 def test_bad_config_is_a_clear_error(args, message):
     with pytest.raises(ConfigError) as e:
         load_config(args)
     assert message in str(e.value)
+
+def test_generate_seeds_are_ranges_and_numbers():
+    assert parse_seeds('0-3,7, 10-11') == [0, 1, 2, 3, 7, 10, 11] and parse_seeds(5) == [5]
+    assert parse_seeds(load_config(['generate.seeds=0-63']).generate.seeds) == list(range(64))
 
 def test_saved_yaml_round_trips(tmp_path):
     cfg = load_config(['train.kimg=7'])
@@ -73,7 +83,7 @@ def error_lines(out: subprocess.CompletedProcess) -> list[str]:
 def test_launch_errors_are_one_line(tmp_path):
     [line] = error_lines(run_launch('trian.kimg=3'))
     assert "unknown config key 'trian'" in line
-    [line] = error_lines(run_launch(f'model.teacher={tmp_path}/missing.pkl', f'run.root={tmp_path}',
+    [line] = error_lines(run_launch(f'model.teacher={tmp_path}/missing.pkl', f'run.root={tmp_path}', 'task=train',
                                     'logging.wandb=disabled'))
     assert 'missing.pkl does not exist' in line and 'model.teacher=' in line
     blocked = tmp_path / 'file'
@@ -135,3 +145,38 @@ def test_group_extends_and_defaults(tmp_path, monkeypatch):
     assert load_config(['model=child', 'data=gmm']).data.kind == 'gmm'
     with pytest.raises(ConfigError, match='`extends` forms a cycle: loop -> loop'):
         load_config(['model=loop'])
+
+def test_every_problem_is_reported_at_once_one_line_each(tmp_path):
+    """Types, YAML syntax, architecture keys, ranges and every required value or missing file, before any work."""
+    lines = error_lines(run_launch('model=edm2-s', 'task=eval', 'eval.samplers=[heun,cosim]', 'eval.steps=3',
+                                   'eval.heun_steps=[1', 'model.net.model_chanels=8', 'kernel.eta=3',
+                                   f'eval.ref={tmp_path}/refs.pkl', f'run.root={tmp_path}'))
+    assert lines == [
+        "error: override 'eval.steps=3': eval.steps takes a list, e.g. eval.steps=[1,2]",
+        "error: override 'eval.heun_steps=[1' is not valid YAML (did not find expected ',' or ']'): close the "
+        "bracket or quote the value",
+        'error: model.net.model_chanels is not an argument of model.arch=edm2; valid keys: model_channels, '
+        'channel_mult, num_blocks, dropout, channel_mult_noise, channel_mult_emb, attn_resolutions, label_balance, '
+        'concat_balance, logvar_channels, channels_per_head, res_balance, attn_balance, clip_act',
+        'error: kernel.eta=3.0 must lie in (0, 1]',
+        'error: model.teacher is required for task=eval: set it to the official checkpoint of model.arch=edm2',
+        f'error: eval.ref={tmp_path}/refs.pkl does not exist: download or copy reference statistics (EDM2 '
+        'dataset-refs/*.pkl or data_tools/ref_stats.py) there, or fix the path',
+        'error: eval.inception_weights is required for task=eval: set it to the inception weights file',
+        'error: eval.dinov2_weights is required for task=eval: set it to the dinov2 weights file',
+        'error: eval.vae is required for task=eval: set it to a local diffusers AutoencoderKL directory '
+        '(stabilityai/sd-vae-ft-mse)']
+    assert not (tmp_path / 'edm2-s-imagenet512').exists()             # nothing started
+
+def test_net_kwargs_are_the_networks_constructor_arguments():
+    """config_checks.NET_KWARGS (torch-free, for --dry-run) must list what each architecture's constructor takes."""
+    import inspect
+
+    from cosim_dist.config_checks import NET_KWARGS
+    from cosim_dist.nets import ARCHS, edm2
+    given = {'img_resolution', 'img_channels', 'label_dim', 'sigma_data', 'aux_t_embed', 'self', 'unet_kwargs',
+             'block_kwargs', 'cin', 'cout', 'emb_channels', 'flavor', 'resample_mode', 'attention'}
+    for arch, cls in ARCHS.items():
+        ctors = [cls.__init__, cls.UNET.__init__] + ([edm2.Block.__init__] if arch == 'edm2' else [])
+        takes = {n for f in ctors for n in inspect.signature(f).parameters} - given
+        assert set(NET_KWARGS[arch]) == takes, arch

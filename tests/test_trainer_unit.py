@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from cosim_dist import cosim
-from cosim_dist.config import Config, ConfigError, KernelConfig, LossConfig, TrainConfig, resume_fingerprint
+from cosim_dist.config import Config, ConfigError, KernelConfig, LossConfig, TrainConfig
 from cosim_dist.engines import TorchEngine
 from cosim_dist.logging import RunLogger
 from cosim_dist.nets import build_network
 from cosim_dist.nets.aux import make_auxiliary
+from cosim_dist.resume import resume_fingerprint
 from cosim_dist.trainer import Trainer
 
 RES, CH, LABELS, BATCH = 8, 3, 2, 4

@@ -24,14 +24,15 @@ import torch
 from .. import cosim, distributed
 from ..config import Config
 from ..distributed import DistEnv
-from ..logging import RunLogger, log
+from ..logging import RunLogger, log, save_image_grid
 from ..storage import missing_local, sha256_file, write_atomic
-from ..teacher_io import load_network, local_path
+from ..teacher_io import load_network_and_extra, local_path
+from ..trainer import load_checkpoint_ema
 from .decode import Decoder, make_decoder
 from .features import FeatureMetric, build_metrics, reference_info, reference_stats
 from .metrics import MomentAccumulator, frechet_to_reference
 from .results import format_table, write_results
-from .samplers import SamplerSpec, cosim_spec, dpm_spec, generate, heun_spec, tune_grid
+from .samplers import SamplerSpec, cosim_spec, dpm_spec, generate, heun_spec, sample, tune_grid
 
 class Stopped(Exception):
     """Every rank agreed to stop (preemption) at a chunk boundary."""
@@ -51,12 +52,21 @@ def path_sha256(path: pathlib.Path) -> str:
 def network_info(path_or_url: str) -> dict:
     return {'path': str(path_or_url), 'sha256': path_sha256(local_path(path_or_url))}
 
-def generator_path(cfg: Config) -> str:
-    path = cfg.eval.generator or str(cfg.run_dir / 'generator.pt')
+def generator_path(path: str | None, run_dir: pathlib.Path, key: str) -> str:
+    """The generator file the config key `key` names (default <run dir>/generator.pt); a one-line error if missing."""
+    path = path or str(run_dir / 'generator.pt')
     if missing_local(path):
         raise FileNotFoundError(f'generator file {path} does not exist: distil first (task=train writes '
-                                f'<run dir>/generator.pt) or pass a snapshot / export as eval.generator=PATH')
+                                f'<run dir>/generator.pt) or pass a snapshot, export or checkpoint step directory as '
+                                f'{key}=PATH')
     return path
+
+def load_generator(path: str) -> tuple[torch.nn.Module, dict]:
+    """(network, snapshot extra) of a generator file: a training checkpoint step directory (its EMA), or any file
+    teacher_io reads (snapshot, export, pickle)."""
+    if (local := local_path(path)).is_dir() and (local / 'g').is_dir():
+        return load_checkpoint_ema(local), {}
+    return load_network_and_extra(local)
 
 @dataclasses.dataclass
 class Entry:
@@ -76,13 +86,24 @@ def sampler_entries(cfg: Config, noise: cosim.NoiseRange, load_teacher: Callable
         if 'dpm' in e.samplers:
             entries += [Entry(dpm_spec(teacher, n, noise), teacher, info) for n in e.dpm_nfe]
     if 'cosim' in e.samplers:
-        path = generator_path(cfg)
-        G, info = load_network(path).to(device), network_info(path)
+        path = generator_path(e.generator, cfg.run_dir, 'eval.generator')
+        G, info = load_generator(path)[0].to(device), network_info(path)
         entries += [Entry(cosim_spec(G, cosim.default_grid(K, noise, e.grid_scale)), G, info, True) for K in e.steps]
     return entries
 
 def image_shape(net: torch.nn.Module) -> tuple[int, int, int]:
     return (net.img_channels, net.img_resolution, net.img_resolution)
+
+GRID_SEEDS = 8                # samples.png: the first evaluation seeds, one row per sampler
+
+def save_samples(entries: list[Entry], decode: Decoder, cfg: Config, device: torch.device) -> pathlib.Path:
+    """<run dir>/samples.png: each sampler's images of the first GRID_SEEDS evaluation seeds, decoded as for the
+    metrics (the same images as in eval.png_dir), one labelled row per sampler."""
+    seeds = range(cfg.eval.seed, cfg.eval.seed + min(GRID_SEEDS, cfg.eval.num_samples))
+    images = [decode(sample(x.spec, seeds, image_shape(x.net), x.net.label_dim, device)) for x in entries]
+    path = cfg.run_dir / 'samples.png'
+    save_image_grid(torch.cat(images), path, rows=len(entries), labels=[x.spec.name for x in entries])
+    return path
 
 #----------------------------------------------------------------------------
 # Seed chunks: chunk j of the seed range belongs to rank j % world_size.
@@ -268,5 +289,6 @@ def evaluate_features(cfg: Config, device: torch.device, env: DistEnv, should_st
         return None
     write_results(rows, cfg.run_dir / 'eval.json')
     print(format_table(rows, {m.name: m.name for m in metrics}))
-    log.info(f'results in {cfg.run_dir / "eval.json"}')
+    samples = save_samples(entries, decode, cfg, device)
+    log.info(f'results in {cfg.run_dir / "eval.json"}, samples in {samples}')
     return rows

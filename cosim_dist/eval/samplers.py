@@ -3,7 +3,7 @@ per-seed generation (image i always uses seed i, so results depend on neither ba
 float64 moments across ranks, and the greedy search of Eq. S1 grids."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ def cosim_spec(G: torch.nn.Module, grid: list[float], name: str = 'CoSIM') -> Sa
     return SamplerSpec(f'{name} K={len(grid)}', len(grid), len(grid) - 1,
                        lambda z, c, n: cosim.cosim_sample(G, z, c, grid, n), list(grid))
 
-def seeded_inputs(seeds: range, shape: tuple[int, ...], label_dim: int, extra_draws: int,
+def seeded_inputs(seeds: Sequence[int], shape: tuple[int, ...], label_dim: int, extra_draws: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
     """Per-image inputs: image i draws its label, z and re-noising draws from a generator seeded by i."""
     zs, labels, draws = [], [], []
@@ -51,13 +51,21 @@ def seeded_inputs(seeds: range, shape: tuple[int, ...], label_dim: int, extra_dr
     return torch.stack(zs).to(device), c, noise
 
 @torch.no_grad()
+def sample(spec: SamplerSpec, seeds: Sequence[int], shape: tuple[int, ...], label_dim: int, device: torch.device,
+           classes: torch.Tensor | None = None) -> torch.Tensor:
+    """One batch: the sampler's images of `seeds`; `classes` (one per seed; ignored by unconditional models) replace
+    the seeds' own labels (their draws still happen, so z and the re-noising draws stay those of the seeds)."""
+    z, c, noise = seeded_inputs(seeds, shape, label_dim, spec.extra_draws, device)
+    if classes is not None and label_dim:
+        c = torch.nn.functional.one_hot(classes, label_dim).float().to(device)
+    return spec.fn(z, c, noise)
+
+@torch.no_grad()
 def generate(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], label_dim: int, batch: int,
              device: torch.device, on_batch: Callable[[torch.Tensor], None]) -> None:
     """Run a sampler over `seeds` in batches and hand every batch of images to `on_batch`."""
     for start in range(seeds.start, seeds.stop, batch):
-        z, c, noise = seeded_inputs(range(start, min(start + batch, seeds.stop)), shape, label_dim,
-                                    spec.extra_draws, device)
-        on_batch(spec.fn(z, c, noise))
+        on_batch(sample(spec, range(start, min(start + batch, seeds.stop)), shape, label_dim, device))
 
 def rank_seeds(seeds: range, rank: int, world_size: int) -> range:
     """This rank's contiguous share of the seeds (image i always uses seed i, whatever the world size)."""

@@ -1,5 +1,5 @@
 """Evaluation of the toy world: every sampler's Frechet distance to the exact ground-truth moments, next to the noise
-floor of exact samples, and samples.png (one row per sampler, the same seeds in every column)."""
+floor of exact samples, and samples.png (one labelled row per sampler, the same seeds in every column)."""
 
 import torch
 
@@ -9,9 +9,10 @@ from ..config import Config
 from ..distributed import DistEnv
 from ..logging import log, save_image_grid
 from ..toy import GMMWorld
+from .decode import pixels_to_uint8
 from .metrics import MomentAccumulator, frechet_to_reference
 from .results import write_results
-from .samplers import cosim_spec, dpm_spec, heun_spec, sampler_moments, seeded_inputs, tune_grid
+from .samplers import cosim_spec, dpm_spec, heun_spec, sample, sampler_moments, seeded_inputs, tune_grid
 
 def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, device: torch.device,
                  env: DistEnv = DistEnv()) -> list[dict]:
@@ -49,7 +50,8 @@ def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, devi
     grid_images = _sample_grid(cfg, world, specs, device)
     if env.rank == 0:
         write_results(rows, cfg.run_dir / 'eval.json')
-        save_image_grid(grid_images, cfg.run_dir / 'samples.png', rows=len(specs) + 1)
+        save_image_grid(pixels_to_uint8(grid_images), cfg.run_dir / 'samples.png', rows=len(specs) + 1,
+                        labels=['ground truth'] + [spec.name for spec in specs])
     return rows
 
 def exact_moments(world: GMMWorld, n: int, seed: int, batch: int) -> MomentAccumulator:
@@ -61,9 +63,7 @@ def exact_moments(world: GMMWorld, n: int, seed: int, batch: int) -> MomentAccum
 
 def _sample_grid(cfg: Config, world: GMMWorld, specs, device: torch.device, cols: int = 20) -> torch.Tensor:
     """Images for samples.png: one row per sampler (ground truth first), the same seeds and labels in every row."""
-    z, c, _ = seeded_inputs(range(cols), world.shape, cfg.model.label_dim, 0, device)
+    _, c, _ = seeded_inputs(range(cols), world.shape, cfg.model.label_dim, 0, device)
     rows = [world.sample(cols, torch.Generator().manual_seed(0), labels=c.argmax(1).cpu())[0].to(device)]
-    for spec in specs:
-        _, _, noise = seeded_inputs(range(cols), world.shape, cfg.model.label_dim, spec.extra_draws, device)
-        rows.append(spec.fn(z, c, noise))
+    rows += [sample(spec, range(cols), world.shape, cfg.model.label_dim, device) for spec in specs]
     return torch.cat(rows)

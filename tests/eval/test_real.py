@@ -76,6 +76,20 @@ def test_eval_json_records_weights_reference_seeds_and_grid(tmp_path, nets, dumm
     assert row['network'] == {'path': nets['g1'], 'sha256': sha256_file(nets['g1'])}
     pngs = next((tmp_path / 'png').iterdir())
     assert sorted(p.name for p in (pngs / '000000').iterdir()) == [f'{i:06d}.png' for i in range(5, 9)]
+    # samples.png: one labelled row (the sampler) of the first seeds' images, 16 px enlarged to 64, 2 px padding
+    from PIL import Image
+    grid = Image.open(tmp_path / 'j' / 'samples.png')
+    assert grid.height == 64 + 2 * 2 and grid.width > 4 * (64 + 2) + 2
+
+def test_generate_writes_the_pngs_of_the_evaluation(tmp_path, nets, dummy_ref, inception_weights):
+    run_eval(eval_args(tmp_path, 'g', nets['g1'], dummy_ref, inception_weights, 'eval.steps=[2]', 'eval.seed=5',
+                       'eval.num_samples=4', f'eval.png_dir={tmp_path}/png'))
+    tasks.run(load_config(eval_args(tmp_path, 'g', nets['g1'], dummy_ref, inception_weights, 'task=generate',
+                                    f'generate.generator={nets["g1"]}', 'generate.seeds=5-8', 'generate.steps=2')))
+    evaluated = next((tmp_path / 'png').iterdir()) / '000000'
+    generated = tmp_path / 'g' / 'generated' / '000000'
+    assert sorted(p.name for p in generated.iterdir()) == [f'{i:06d}.png' for i in range(5, 9)]
+    assert all((generated / p.name).read_bytes() == p.read_bytes() for p in evaluated.iterdir())
 
 @pytest.mark.slow
 def test_own_pngs_as_reference_give_zero_and_another_network_more(tmp_path, nets, dummy_ref, inception_weights,
@@ -126,6 +140,7 @@ def test_latent_model_with_baselines_decodes_through_the_vae(tmp_path, nets, dum
     from PIL import Image
     pngs = sorted((tmp_path / 'png').glob('*/000000/000003.png'))
     assert len(pngs) == 3 and Image.open(pngs[0]).size == (32, 32)          # 4x16x16 latents -> 32x32 pixels
+    assert Image.open(tmp_path / 'l' / 'samples.png').height == 3 * (64 + 2) + 2   # decoded rows, enlarged to 64
 
 def test_missing_files_are_clear_errors(tmp_path, nets, dummy_ref, inception_weights):
     base = eval_args(tmp_path, 'e', nets['g1'], dummy_ref, inception_weights)

@@ -1,0 +1,172 @@
+"""Validation of the configuration, in one place: the allowed choices, value ranges, the model.net keys of every
+architecture, required values and cross-field rules. Every problem is collected and reported together, one line each,
+before any work starts (also before a Slurm submission). The schema itself is config.py."""
+
+import os
+from typing import Any
+
+from .storage import missing_local
+
+TASKS = ('default', 'pretrain', 'train', 'eval', 'generate', 'bench')
+ARCHS = ('toy', 'songunet', 'dhariwalunet', 'edm2')        # model.arch: the networks of cosim_dist.nets.ARCHS
+# model.net keys each architecture accepts (tests/test_config.py holds them against the networks' constructors).
+_UNET = ('model_channels', 'channel_mult', 'num_blocks', 'dropout')
+_EDM = _UNET + ('augment_dim', 'channel_mult_emb', 'attn_resolutions')
+NET_KWARGS = {'toy': _UNET, 'songunet': _EDM, 'dhariwalunet': _EDM,
+              'edm2': _UNET + ('channel_mult_noise', 'channel_mult_emb', 'attn_resolutions', 'label_balance',
+                               'concat_balance', 'logvar_channels', 'channels_per_head', 'res_balance',
+                               'attn_balance', 'clip_act')}
+
+class ConfigError(ValueError):
+    """Bad configuration values or keys: one line per problem, each naming the key (or file) and the fix."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__('\n'.join(problems))
+        self.problems = list(problems)
+
+#----------------------------------------------------------------------------
+# Choices (key -> allowed values), ranges and rules, checked after merging.
+
+CHOICES = {
+    'task': TASKS,
+    'model.arch': ARCHS,
+    'run.device': ('auto', 'cpu', 'cuda'),
+    'aux.t_embed': ('gated', 'sum'),
+    'data.kind': ('gmm', 'shards'),
+    'logging.wandb': ('offline', 'online', 'disabled'),
+    'engine.backend': ('torch', 'deepspeed'),
+    'engine.zero_stage': (0, 1, 2, 3),
+    'engine.precision': ('fp32', 'bf16'),
+    'engine.compile': ('none', 'default', 'reduce-overhead', 'max-autotune'),
+    'teacher.precision': ('auto', 'bf16', 'fp32'),
+    'teacher.offload': ('none', 'cpu'),
+}
+
+def batch_layout(train: Any, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, accumulation rounds) with batch = micro-batch x world size x rounds."""
+    batch_gpu = train.batch_gpu or train.batch // world_size
+    if batch_gpu < 1 or train.batch % (batch_gpu * world_size):
+        raise ConfigError(f'train.batch={train.batch} must be a multiple of '
+                          f'train.batch_gpu={train.batch_gpu or batch_gpu} x world size {world_size}; '
+                          f'change one of the three numbers')
+    return batch_gpu, train.batch // (batch_gpu * world_size)
+
+def lookup(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split('.'):
+        cfg = getattr(cfg, part)
+    return cfg
+
+def validate(cfg: Any) -> None:
+    """Check choices, ranges, architecture keys and cross-field constraints; raise one ConfigError listing every
+    problem, one line each. (Batch / micro-batch / world size and `readiness` are checked at launch.)"""
+    problems: list[str] = []
+    problem = problems.append
+    for key, allowed in CHOICES.items():
+        if lookup(cfg, key) not in allowed:
+            problem(f'{key}={lookup(cfg, key)!r} is invalid; valid choices: {", ".join(map(str, allowed))}')
+    unknown = sorted(set(cfg.model.net) - set(NET_KWARGS.get(cfg.model.arch, cfg.model.net)))
+    if unknown:
+        problem(f'model.net.{unknown[0]}' + (f' (and {", ".join(unknown[1:])})' if unknown[1:] else '')
+                + f' is not an argument of model.arch={cfg.model.arch}; valid keys: '
+                + ', '.join(NET_KWARGS[cfg.model.arch]))
+    for keys, ok, rule in ((('train.lr_g', 'train.lr_aux', 'train.eps', 'pretrain.lr', 'pretrain.kimg',
+                             'model.sigma_data', 'model.resolution', 'model.channels', 'schedule.sigma_min',
+                             'schedule.rho', 'schedule.ratio', 'checkpoint.keep', 'train.batch', 'train.kimg',
+                             'pretrain.batch', 'eval.num_samples', 'eval.batch', 'eval.heun_steps',
+                             'train.aux_steps_per_gen', 'eval.chunk', 'eval.decode_batch',
+                             'data.gmm.noise_std', 'generate.steps'), lambda v: v > 0, '> 0'),
+                           (('data.gmm.classes', 'data.gmm.components', 'data.gmm.rank'), lambda v: v >= 1, '>= 1'),
+                           (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
+                           (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'),
+                            lambda v: v >= 0, '>= 0')):
+        # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)
+        for key in keys:
+            if not ok(lookup(cfg, key)):
+                problem(f'{key}={lookup(cfg, key)} must be {rule}')
+    if cfg.schedule.sigma_max <= cfg.schedule.sigma_min:
+        problem(f'schedule.sigma_max={cfg.schedule.sigma_max} must exceed '
+                f'schedule.sigma_min={cfg.schedule.sigma_min}')
+    if any(k < 1 for k in cfg.eval.steps):
+        problem(f'eval.steps={cfg.eval.steps}: every sampler step count K must be >= 1')
+    for key, allowed in (('eval.samplers', ('heun', 'dpm', 'cosim')), ('eval.metrics', ('inception', 'dinov2'))):
+        values = lookup(cfg, key)
+        if not values or any(v not in allowed for v in values):
+            problem(f'{key}={values} is invalid; give a non-empty list of: {", ".join(allowed)}')
+    if cfg.loss.lmbda < 0:
+        problem(f'loss.lmbda={cfg.loss.lmbda} must be >= 0')
+    if not 0 < cfg.kernel.eta <= 1:
+        problem(f'kernel.eta={cfg.kernel.eta} must lie in (0, 1]')
+    if cfg.engine.compile != 'none' and (cfg.engine.zero_stage == 3 or cfg.teacher.offload == 'cpu'):
+        problem(f'engine.compile={cfg.engine.compile} does not combine with ZeRO-3 parameter partitioning '
+                f'(engine.zero_stage=3 or teacher.offload=cpu): use engine.compile=none or ZeRO stage <= 2')
+    if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
+        problem('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: set engine.backend=deepspeed')
+    problems += generate_problems(cfg.generate, cfg.model.label_dim)
+    if cfg.data.kind == 'shards' and not cfg.data.path and cfg.task not in ('bench', 'eval', 'generate'):  # no data
+        problem('data.kind=shards needs data.path=<shard directory or s3:// prefix>')
+    if problems:
+        raise ConfigError(*problems)
+
+def parse_seeds(text: str) -> list[int]:
+    """generate.seeds: comma-separated numbers and inclusive ranges ('0-63', '0,5,10-19') -> the seeds in order."""
+    parts = [p.partition('-') for p in str(text).replace(' ', '').split(',')]
+    if not all(lo.isdigit() and (hi.isdigit() and int(hi) >= int(lo) if dash else not hi) for lo, dash, hi in parts):
+        raise ConfigError(f'generate.seeds={text!r} cannot be parsed: give numbers and ranges A-B (A <= B) separated '
+                          f'by commas, e.g. generate.seeds=0-63 or generate.seeds=\'0,5,10-19\'')
+    return [s for lo, _, hi in parts for s in range(int(lo), int(hi or lo) + 1)]
+
+def generate_problems(g: Any, label_dim: int) -> list[str]:
+    """The generate.* keys: parsable seeds, classes within model.label_dim, a grid of generate.steps levels."""
+    problems = []
+    try:
+        parse_seeds(g.seeds)
+    except ConfigError as e:
+        problems += e.problems
+    if g.classes is not None and not (g.classes and all(0 <= c < label_dim for c in g.classes)):
+        problems.append(f'generate.classes={g.classes} must be a non-empty list of classes in [0, {label_dim}) '
+                        f'(model.label_dim), or null for each seed\'s own label')
+    if g.grid is not None and not (len(g.grid) == g.steps and min(g.grid) > 0 and sorted(set(g.grid))[::-1] == g.grid):
+        problems.append(f'generate.grid={g.grid} must hold generate.steps={g.steps} positive, strictly decreasing '
+                        f'noise levels tau_K > ... > tau_1, or be null for the generator\'s stored grid')
+    if not (g.png or g.npz):
+        problems.append('generate.png=false and generate.npz=false would write nothing: enable one of them')
+    return problems
+
+def readiness(cfg: Any) -> list[str]:
+    """What a launch needs beyond valid values: every required input set and every local file present (objects in a
+    store are checked when read). Checked by launch.py before any work starts and before a Slurm submission."""
+    e, problems = cfg.eval, []
+    teacher_used = cfg.task in ('train', 'default') or (cfg.task == 'eval' and {'heun', 'dpm'} & set(e.samplers))
+    needed = {'model.teacher': f'the official checkpoint of model.arch={cfg.model.arch}'} \
+        if teacher_used and (cfg.model.arch != 'toy' or cfg.model.teacher is not None) else {}
+    if cfg.task in ('eval', 'default') and real_model(cfg):
+        needed['eval.ref'] = 'reference statistics (EDM2 dataset-refs/*.pkl or data_tools/ref_stats.py)'
+        needed |= {f'eval.{m}_weights': f'the {m} weights file' for m in e.metrics}
+        if cfg.model.latent_raw_mean is not None:
+            needed['eval.vae'] = 'a local diffusers AutoencoderKL directory (stabilityai/sd-vae-ft-mse)'
+    if cfg.task == 'eval' and 'cosim' in e.samplers and e.generator is not None:
+        needed['eval.generator'] = 'the distilled generator'
+    for key, what in needed.items():
+        value = lookup(cfg, key)
+        if value is None:
+            problems.append(f'{key} is required for task={cfg.task}: set it to {what}')
+        elif missing_local(value):
+            problems.append(f'{key}={value} does not exist: download or copy {what} there, or fix the path')
+    reads_data = cfg.data.kind == 'shards' and cfg.task not in ('bench', 'eval', 'generate')
+    if reads_data and cfg.data.path and missing_local(cfg.data.path):
+        problems.append(f'data.path={cfg.data.path} does not exist: build the shards with data_tools/make_shards.py')
+    if cfg.logging.wandb == 'online' and not wandb_logged_in():
+        problems.append('logging.wandb=online needs a wandb login: run `wandb login` (or set WANDB_API_KEY), '
+                        'or use logging.wandb=offline')
+    return problems
+
+def wandb_logged_in() -> bool:
+    """Whether wandb has credentials (WANDB_API_KEY, netrc or its settings): no prompt, no network."""
+    os.environ.setdefault('WANDB_SILENT', 'true')
+    import wandb
+    return bool(wandb.login(prompt=False, verify=False))
+
+def real_model(cfg: Any) -> bool:
+    """Real models (an official teacher, a non-toy network or real data) are evaluated with FID / FD-DINOv2;
+    the toy world against its exact moments."""
+    return cfg.model.teacher is not None or cfg.model.arch != 'toy' or cfg.data.kind != 'gmm'

@@ -1,0 +1,30 @@
+"""The resume fingerprint: the settings a training checkpoint must be resumed with, stored in its client state and
+compared on resume (train.kimg, logging, eval and generate may change)."""
+
+import dataclasses
+from typing import Any
+
+from .config import Config, ConfigError, lookup
+
+RESUME_SECTIONS = ('run.seed', 'model', 'aux', 'data', 'schedule', 'kernel', 'loss', 'engine.backend',
+                   'engine.zero_stage', 'train.batch', 'train.lr_g', 'train.lr_aux', 'train.beta1', 'train.beta2',
+                   'train.eps', 'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen')
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(f'{prefix}.{key}', sub).items()}
+    return {prefix: value}
+
+def resume_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The settings a checkpoint must be resumed with, flattened to dotted keys."""
+    return {k: v for key in RESUME_SECTIONS for k, v in _flatten(key, lookup(cfg, key)).items()}
+
+def check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raise ConfigError listing every setting that differs from the checkpoint's."""
+    diff = [f'{k}: {saved.get(k, "<unset>")!r} in the checkpoint, {now.get(k, "<unset>")!r} now'
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError('cannot resume: the config differs from the checkpoint\'s (' + '; '.join(diff)
+                          + '); restore these values or start a new run with run.name=...')
