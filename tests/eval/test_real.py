@@ -189,6 +189,6 @@ def test_launch_reports_a_missing_reference_in_one_line(tmp_path, nets, inceptio
     args = eval_args(tmp_path, 'm', nets['g1'], str(tmp_path / 'refs' / 'img512.pkl'), inception_weights)
     out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), *args], capture_output=True, text=True)
     assert out.returncode == 2 and 'Traceback' not in out.stderr
-    assert [line for line in out.stderr.splitlines() if line.startswith('error:')] == [
-        f'error: reference statistics {tmp_path}/refs/img512.pkl do not exist: '
-        f'compute them with data_tools/ref_stats.py or download EDM2\'s dataset-refs/img512.pkl']
+    assert [line for line in out.stderr.splitlines() if line.startswith('error:')] == [   # found at launch
+        f'error: eval.ref={tmp_path}/refs/img512.pkl does not exist: download or copy reference statistics (EDM2 '
+        f'dataset-refs/*.pkl or data_tools/ref_stats.py) there, or fix the path']
