@@ -15,7 +15,7 @@ for i in $(seq 1 "$runs"); do
     for isa in "${isas[@]}"; do
         dir=$(mktemp -d "$out/run-$isa-$i-XXXX")
         git clone -q "$repo" "$dir/repo" && cd "$dir/repo" || exit 1
-        python3.11 -m venv "$dir/venv" && source "$dir/venv/bin/activate"
+        python -m venv "$dir/venv" && source "$dir/venv/bin/activate"
         if [ "$isa" = native ]; then unset ONEDNN_MAX_CPU_ISA; else export ONEDNN_MAX_CPU_ISA=$isa; fi
         t0=$(date +%s)
         pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1 > "$dir/install.log" 2>&1 &&

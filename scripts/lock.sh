@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(mktemp -d)/venv
 trap 'rm -rf "$(dirname "$venv")"' EXIT
-python3.11 -m venv "$venv"
+python -m venv "$venv"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$venv/bin/pip" install -q torch==2.14.1 torchvision==0.29.1       # the CPU machines' local wheels (see README)
 "$venv/bin/pip" install -q -e '.[test]'
