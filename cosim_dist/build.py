@@ -172,10 +172,11 @@ def student_kwargs(cfg: Config, teacher: torch.nn.Module) -> dict:
 
 def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
                   should_stop=lambda: False, data=None, checkpoints: bool = True, timer=None,
-                  on_start=lambda: None) -> Trainer:
+                  on_start=lambda: None, snapshot=None) -> Trainer:
     """Generator and auxiliary initialised from the teacher (fp32), their engines, data, schedule, checkpoints, with
     the engine's speed options (channels_last, activation checkpointing, torch.compile). The benchmark passes its
-    synthetic `data`, `checkpoints=False` and a per-phase `timer`; `distil` an `on_start` (see Trainer)."""
+    synthetic `data`, `checkpoints=False` and a per-phase `timer`; `distil` an `on_start` and the `snapshot` of
+    eval.every_kimg (see Trainer)."""
     t, s, e = cfg.train, cfg.schedule, cfg.engine
     G = build_network(cfg.model.arch, **student_kwargs(cfg, teacher))
     G.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
@@ -194,15 +195,16 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
                    logger=make_logger(cfg, 'train', env.rank), device=device, precision=e.precision,
                    checkpointer=make_checkpointer(cfg, env) if checkpoints else None, should_stop=should_stop,
                    rank=env.rank, world_size=env.world_size, batch_gpu=batch_gpu, fingerprint=resume_fingerprint(cfg),
-                   timer=timer, on_start=on_start)
+                   timer=timer, on_start=on_start, snapshot=snapshot, snapshot_every=round(cfg.eval.every_kimg * 1000))
 
 def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
-           should_stop=lambda: False) -> torch.nn.Module:
+           should_stop=lambda: False, snapshot=None) -> torch.nn.Module:
     """Train (or resume) the generator; returns its EMA, also saved (rank 0) as <run_dir>/generator.pt with its
     default Eq. S1 grid for every K of eval.steps (`extra['grids']`, used by task=generate). The invocation is
-    recorded once the checkpoint's config was accepted."""
+    recorded once the checkpoint's config was accepted; `snapshot` (eval/snapshots.py) runs every eval.every_kimg."""
     trainer = build_trainer(cfg, teacher, device, env, should_stop,
-                            on_start=(lambda: record_invocation(cfg)) if env.rank == 0 else lambda: None)
+                            on_start=(lambda: record_invocation(cfg)) if env.rank == 0 else lambda: None,
+                            snapshot=snapshot)
     state = trainer.train()
     if env.rank == 0 and state.nimg >= cfg.train.kimg * 1000:
         grids = {K: cosim.default_grid(K, noise_range(cfg), cfg.eval.grid_scale) for K in cfg.eval.steps}

@@ -148,6 +148,11 @@ class EvalConfig:
     dpm_nfe: list[int] = dataclasses.field(default_factory=lambda: [2, 4, 8])  # DPM-Solver++(2M) baselines (NFE)
     batch: int = 1000                # generation batch
     seed: int = 0                    # first sample seed (sample i uses seed + i)
+    # training snapshots: every every_kimg the generator EMA (<run dir>/snapshots/), a quick Frechet distance at each
+    # K of eval.steps on quick_samples seeds (metrics.jsonl; real models: the first of eval.metrics against eval.ref)
+    # and progress.png; 0 = off
+    every_kimg: float = 0.0
+    quick_samples: int = 2000        # seeds of a snapshot's quick Frechet distance (the first of the evaluation's)
     # Real models (model.teacher set or a non-toy arch): FID / FD-DINOv2 against reference statistics (eval/real.py).
     # rows: heun | dpm | cosim
     samplers: list[str] = dataclasses.field(default_factory=lambda: ['heun', 'dpm', 'cosim'])

@@ -74,10 +74,10 @@ def validate(cfg: Any) -> None:
                              'schedule.rho', 'schedule.ratio', 'checkpoint.keep', 'train.batch', 'train.kimg',
                              'pretrain.batch', 'eval.num_samples', 'eval.batch', 'eval.heun_steps',
                              'train.aux_steps_per_gen', 'eval.chunk', 'eval.decode_batch',
-                             'data.gmm.noise_std', 'generate.steps'), lambda v: v > 0, '> 0'),
+                             'data.gmm.noise_std', 'generate.steps', 'eval.quick_samples'), lambda v: v > 0, '> 0'),
                            (('data.gmm.classes', 'data.gmm.components', 'data.gmm.rank'), lambda v: v >= 1, '>= 1'),
                            (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
-                           (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim'),
+                           (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim', 'eval.every_kimg'),
                             lambda v: v >= 0, '>= 0')):
         # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)
         for key in keys:
@@ -139,9 +139,10 @@ def readiness(cfg: Any) -> list[str]:
     teacher_used = cfg.task in ('train', 'default') or (cfg.task == 'eval' and {'heun', 'dpm'} & set(e.samplers))
     needed = {'model.teacher': f'the official checkpoint of model.arch={cfg.model.arch}'} \
         if teacher_used and (cfg.model.arch != 'toy' or cfg.model.teacher is not None) else {}
-    if cfg.task in ('eval', 'default') and real_model(cfg):
+    snapshots = cfg.task == 'train' and e.every_kimg > 0      # their quick FD uses the first metric only
+    if (cfg.task in ('eval', 'default') or snapshots) and real_model(cfg):
         needed['eval.ref'] = 'reference statistics (EDM2 dataset-refs/*.pkl or data_tools/ref_stats.py)'
-        needed |= {f'eval.{m}_weights': f'the {m} weights file' for m in e.metrics}
+        needed |= {f'eval.{m}_weights': f'the {m} weights file' for m in (e.metrics[:1] if snapshots else e.metrics)}
         if cfg.model.latent_raw_mean is not None:
             needed['eval.vae'] = 'a local diffusers AutoencoderKL directory (stabilityai/sd-vae-ft-mse)'
     if cfg.task == 'eval' and 'cosim' in e.samplers and e.generator is not None:

@@ -92,6 +92,16 @@ class RunLogger:
         log.info('  '.join(fields))
         self.scalars(nimg, losses | {'perf/img_per_s': rate} | extra)
 
+    @contextlib.contextmanager
+    def maintenance(self):
+        """Time spent inside (checkpoints, snapshots) is left out of the next status line's s/kimg and images/s."""
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            done, since = self.last
+            self.last = (done, since + time.time() - t0)
+
     def scalars(self, step_img: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return

@@ -12,6 +12,7 @@ from .distributed import DistEnv
 from .eval.generate import run_generate
 from .eval.real import evaluate_features
 from .eval.results import format_table
+from .eval.snapshots import Snapshots
 from .eval.toy import evaluate_toy
 from .logging import log
 from .teacher_io import load_snapshot
@@ -49,7 +50,11 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     distributed.barrier()
     if env.rank != 0:
         teacher = get_teacher(cfg, device)                 # the toy teacher is cached by rank 0 by now
-    G = distil(cfg, teacher, device, env, should_stop) if cfg.task in ('train', 'default') else None
+    if cfg.task in ('train', 'default'):
+        snapshot = Snapshots(cfg, device, env, real) if cfg.eval.every_kimg > 0 else None
+        G = distil(cfg, teacher, device, env, should_stop, snapshot)
+    else:
+        G = None
     distributed.barrier()                                  # rank 0 has written generator.pt
     if should_stop():
         return None

@@ -58,7 +58,9 @@ class Trainer:
                  checkpointer: Checkpointer | None = None, should_stop: Callable[[], bool] = lambda: False,
                  rank: int = 0, world_size: int = 1, batch_gpu: int | None = None, fingerprint: dict | None = None,
                  timer: Callable[[str], contextlib.AbstractContextManager] | None = None,
-                 on_start: Callable[[], None] = lambda: None) -> None:
+                 on_start: Callable[[], None] = lambda: None,
+                 snapshot: Callable[[int, torch.nn.Module], dict[str, float]] | None = None,
+                 snapshot_every: int = 0) -> None:
         self.teacher, self.g, self.aux, self.data = teacher, g_engine, aux_engine, data
         self.schedule, self.train_cfg, self.loss_cfg, self.kernel_cfg = schedule, train, loss, kernel
         self.sigma_data, self.seed, self.logger, self.device, self.precision = (sigma_data, seed, logger, device,
@@ -67,6 +69,8 @@ class Trainer:
         self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint or {}
         self.timer = timer or (lambda phase: contextlib.nullcontext())   # phase -> context (the benchmark's clock)
         self.on_start = on_start           # called once the start is accepted (resume check passed), before step 1
+        # collective (nimg, EMA) -> scalars, at every multiple of `snapshot_every` images (0: none)
+        self.snapshot, self.snapshot_every = (snapshot, snapshot_every) if snapshot_every > 0 else (None, 0)
         self.batch_gpu = batch_gpu or train.batch // world_size
         self.rounds = train.batch // (self.batch_gpu * world_size)
         self.alpha = cosim.generator_alpha(loss.lmbda, loss.alpha)
@@ -208,6 +212,11 @@ class Trainer:
 
     #------------------------------------------------------------------------
 
+    def take_snapshot(self) -> None:
+        """Collective: the snapshot seam at the current image count; its scalars join the training log."""
+        with self.logger.maintenance():
+            self.logger.scalars(self.state.nimg, self.snapshot(self.state.nimg, self.ema))
+
     def train(self) -> TrainState:
         """Run (or resume) until train.kimg; returns the final state. Stops early when any rank's
         should_stop() is true (agreed at a step boundary), after saving a checkpoint."""
@@ -219,6 +228,7 @@ class Trainer:
         self.logger.start(total, min(self.state.nimg, total), 'distil')
         next_log = self.state.nimg + cfg.log_kimg * 1000
         next_ckpt = self.state.nimg + cfg.checkpoint_kimg * 1000
+        next_snap = (self.state.nimg // self.snapshot_every + 1) * self.snapshot_every if self.snapshot else 0
         sums, count = {'loss/aux': 0.0, 'loss/gen': 0.0}, 0
         while self.state.nimg < total:
             if any_rank(self.should_stop()):
@@ -235,8 +245,12 @@ class Trainer:
                                    nan_dropped=self.state.nan_dropped)
                 sums, count = dict.fromkeys(sums, 0.0), 0
                 next_log += cfg.log_kimg * 1000
+            if self.snapshot is not None and self.state.nimg >= next_snap:    # multiples, whatever the resume point
+                self.take_snapshot()
+                next_snap = (self.state.nimg // self.snapshot_every + 1) * self.snapshot_every
             if self.checkpointer is not None and cfg.checkpoint_kimg > 0 and self.state.nimg >= next_ckpt and not done:
-                self.save_checkpoint()
+                with self.logger.maintenance():
+                    self.save_checkpoint()
                 next_ckpt += cfg.checkpoint_kimg * 1000
         if self.checkpointer is not None:
             if self.state.nimg != self.saved_nimg:

@@ -84,7 +84,7 @@ def test_launch_errors_are_one_line(tmp_path):
     [line] = error_lines(run_launch('trian.kimg=3'))
     assert "unknown config key 'trian'" in line
     [line] = error_lines(run_launch(f'model.teacher={tmp_path}/missing.pkl', f'run.root={tmp_path}', 'task=train',
-                                    'logging.wandb=disabled'))
+                                    'logging.wandb=disabled', 'eval.every_kimg=0'))   # (snapshots need eval inputs)
     assert 'missing.pkl does not exist' in line and 'model.teacher=' in line
     blocked = tmp_path / 'file'
     blocked.write_text('')
@@ -180,3 +180,10 @@ def test_net_kwargs_are_the_networks_constructor_arguments():
         ctors = [cls.__init__, cls.UNET.__init__] + ([edm2.Block.__init__] if arch == 'edm2' else [])
         takes = {n for f in ctors for n in inspect.signature(f).parameters} - given
         assert set(NET_KWARGS[arch]) == takes, arch
+
+def test_training_snapshots_of_a_real_model_need_the_first_metric_only(tmp_path):
+    from cosim_dist.config_checks import readiness
+    args = ['model=edm2-s', 'task=train', f'model.teacher={tmp_path}', f'data.path={tmp_path}']
+    keys = lambda *extra: sorted(p.split()[0].split('=')[0] for p in readiness(load_config([*args, *extra])))
+    assert keys('eval.every_kimg=0') == []
+    assert keys('eval.every_kimg=1024') == ['eval.inception_weights', 'eval.ref', 'eval.vae']

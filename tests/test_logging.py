@@ -1,6 +1,7 @@
 """Run logging: the full config in wandb, one wandb run per invocation, the login check, and the console: one
 status line per logging interval, no progress bar when stderr is not a terminal."""
 
+import itertools
 import json
 import os
 import struct
@@ -12,6 +13,7 @@ import wandb
 
 from cosim_dist import build
 from cosim_dist.config import CONFIG_DIR, load_config
+from cosim_dist.logging import RunLogger
 
 LAUNCH = [sys.executable, str(CONFIG_DIR.parent / 'launch.py')]
 
@@ -77,3 +79,16 @@ def test_status_lines_once_per_interval_without_a_bar_off_terminal(tmp_path, pro
     assert '\r' not in text and len(set(lines)) == len(lines)
     committed = [line for line in lines if 'checkpoint committed' in line]
     assert len(committed) == 2 and all(line.startswith('[cosim_dist] checkpoint committed') for line in committed)
+
+def test_maintenance_time_is_left_out_of_the_status_rate(tmp_path, monkeypatch):
+    # init and start at 0 s, maintenance from 10 s to 40 s, the status line (and its record) at 50 s
+    monkeypatch.setattr('cosim_dist.logging.time.time', itertools.chain([0.0, 0.0, 10.0, 40.0],
+                                                                        itertools.repeat(50.0)).__next__)
+    logger = RunLogger(tmp_path, 'train', {}, wandb_mode='disabled', progress=False)
+    logger.start(2000, 0, 'distil')
+    with logger.maintenance():
+        pass
+    logger.status(1000, {'loss/gen': 1.0})
+    logger.close()
+    record = json.loads((tmp_path / 'train.jsonl').read_text())
+    assert record['perf/img_per_s'] == 50.0                  # 1000 images in 50 s - 30 s of maintenance
