@@ -1,57 +1,10 @@
 #!/usr/bin/env python
-"""cosim-dist entry point: `python launch.py [--dry-run] [group=name ...] [key=value ...]`.
+"""Checkout shim of the `cosim-launch` console script: `python launch.py [--dry-run] [group=name ...] [key=value ...]`
+runs cosim_dist/launch.py (its --help tells the rest)."""
 
-With no arguments it runs the embedded default locally: pretrain (or reuse) the toy teacher, distil it
-with CoSIM, evaluate against exact ground truth and print the table."""
-
-import argparse
 import sys
 
-from cosim_dist.config import ConfigError, batch_layout, load_config, to_yaml
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--dry-run', action='store_true', help='print the resolved config and exit')
-    parser.add_argument('--nproc', type=int, default=1, help='local processes (ranks) to start on this machine')
-    parser.add_argument('--cluster', choices=('local', 'slurm'), default='local', help='where to run')
-    parser.add_argument('--nodes', type=int, default=1, help='Slurm nodes')
-    parser.add_argument('--gpus-per-node', type=int, default=0, help='GPUs per node (one rank each)')
-    parser.add_argument('--tasks-per-node', type=int, default=None,
-                        help='ranks per node (default: GPUs per node, or 1)')
-    parser.add_argument('--cpus-per-task', type=int, default=1, help='CPU cores per rank')
-    parser.add_argument('--partition', default=None, help='Slurm partition')
-    parser.add_argument('--account', default=None, help='Slurm account')
-    parser.add_argument('--qos', default=None, help='Slurm QOS')
-    parser.add_argument('--timeout-min', type=int, default=24 * 60,
-                        help='wall-clock limit per allocation (requeues itself)')
-    parser.add_argument('overrides', nargs='*', help='group=name selections and dotted key=value overrides')
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.overrides, ready=not args.dry_run)
-        if args.cluster == 'slurm':
-            from launchers.slurm import SlurmOptions, submit
-            options = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                                   tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
-                                   partition=args.partition, account=args.account, qos=args.qos,
-                                   timeout_min=args.timeout_min)
-            batch_layout(cfg.train, args.nodes * (args.tasks_per_node or args.gpus_per_node or 1))
-            submit(cfg, options, args.overrides, dry_run=args.dry_run)
-            if args.dry_run:
-                print(to_yaml(cfg), end='')
-            return 0
-        if args.dry_run:
-            print(to_yaml(cfg), end='')
-            return 0
-        from launchers.local import launch_local, launch_processes
-        batch_layout(cfg.train, args.nproc)
-        if args.nproc > 1:
-            return launch_processes(args.nproc, args.overrides)
-        launch_local(cfg)
-    except (ConfigError, FileNotFoundError) as e:   # DistributedEnvError is a ConfigError
-        for line in str(e).splitlines():
-            print(f'error: {line}', file=sys.stderr)
-        return 2
-    return 0
+from cosim_dist.launch import main
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -82,7 +82,7 @@ def check_dataset(cfg: Config, info) -> None:
     latent_model = m.latent_raw_mean is not None
     if latent_model != (info.kind == 'latents'):
         raise ConfigError(f'{where} holds {info.kind} but model {cfg.groups.get("model")} is a '
-                          f'{"latent" if latent_model else "pixel"} model; use data_tools/encode_latents.py shards '
+                          f'{"latent" if latent_model else "pixel"} model; use cosim-encode-latents shards '
                           f'for latent models and pixel shards otherwise')
     if latent_model:
         want = latent_scale_bias(m.latent_raw_mean, m.latent_raw_std)

@@ -2,7 +2,7 @@
 validation that names the offending key and the valid choices, and the resolved-YAML dump.
 
 This module is the one home of every key (its default and its one-line meaning); config_checks.py validates them, once.
-Neither imports torch, so parsing arguments (`launch.py --help`, `--dry-run`, Slurm submission) stays fast."""
+Neither imports torch, so parsing arguments (`cosim-launch --help`, `--dry-run`, Slurm submission) stays fast."""
 
 import dataclasses
 import difflib
@@ -17,14 +17,14 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .config_checks import ARCHS, TASKS, ConfigError, batch_layout, lookup, parse_seeds, readiness, validate  # noqa: F401 (re-exported)
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'   # package data: shipped in the wheel
 DEFAULT_GROUPS = {'model': 'toy', 'data': 'gmm'}
 
 def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml'))
 
 #----------------------------------------------------------------------------
-# Schema. Every field carries a one-line comment; group YAMLs under configs/ override these defaults.
+# Schema. Every field carries a one-line comment; group YAMLs under cosim_dist/configs/ override these defaults.
 
 @dataclasses.dataclass
 class RunConfig:
@@ -271,7 +271,7 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def load_group(group: str, name: str,
                chain: tuple[str, ...] = ()) -> tuple[list[tuple[str, DictConfig]], dict[str, str]]:
-    """The fragments of configs/<group>/<name>.yaml in merge order, with the group defaults it declares.
+    """The fragments of cosim_dist/configs/<group>/<name>.yaml in merge order, with the group defaults it declares.
     A fragment may say `extends: <other name in the group>` (merged first) and `defaults: {group: name}` (groups
     selected when the command line does not select them)."""
     path = CONFIG_DIR / group / f'{name}.yaml'
@@ -290,7 +290,7 @@ def load_group(group: str, name: str,
 
 def load_config(args: list[str] = (), ready: bool = False) -> Config:
     """Resolve a Config from command-line style arguments (`model=toy train.kimg=50`). Every problem is reported
-    together in one ConfigError; with `ready` (launch.py) also every missing required value or local file."""
+    together in one ConfigError; with `ready` (cosim-launch) also every missing required value or local file."""
     selected, dotlist = parse_overrides(list(args))
     groups, problems = {**DEFAULT_GROUPS, **selected}, []
     cfg = OmegaConf.structured(Config)

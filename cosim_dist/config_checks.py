@@ -141,7 +141,7 @@ def readiness(cfg: Any) -> list[str]:
         if teacher_used and (cfg.model.arch != 'toy' or cfg.model.teacher is not None) else {}
     snapshots = cfg.task == 'train' and e.every_kimg > 0      # their quick FD uses the first metric only
     if (cfg.task in ('eval', 'default') or snapshots) and real_model(cfg):
-        needed['eval.ref'] = 'reference statistics (EDM2 dataset-refs/*.pkl or data_tools/ref_stats.py)'
+        needed['eval.ref'] = 'reference statistics (EDM2 dataset-refs/*.pkl or cosim-ref-stats)'
         needed |= {f'eval.{m}_weights': f'the {m} weights file' for m in (e.metrics[:1] if snapshots else e.metrics)}
         if cfg.model.latent_raw_mean is not None:
             needed['eval.vae'] = 'a local diffusers AutoencoderKL directory (stabilityai/sd-vae-ft-mse)'
@@ -155,7 +155,7 @@ def readiness(cfg: Any) -> list[str]:
             problems.append(f'{key}={value} does not exist: download or copy {what} there, or fix the path')
     reads_data = cfg.data.kind == 'shards' and cfg.task not in ('bench', 'eval', 'generate')
     if reads_data and cfg.data.path and missing_local(cfg.data.path):
-        problems.append(f'data.path={cfg.data.path} does not exist: build the shards with data_tools/make_shards.py')
+        problems.append(f'data.path={cfg.data.path} does not exist: build the shards with cosim-make-shards')
     if cfg.logging.wandb == 'online' and not wandb_logged_in():
         problems.append('logging.wandb=online needs a wandb login: run `wandb login` (or set WANDB_API_KEY), '
                         'or use logging.wandb=offline')

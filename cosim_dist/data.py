@@ -141,7 +141,7 @@ class ShardStream:
         if len(self.entries) < slots:
             raise ValueError(f'{self.store.url} has {len(self.entries)} shards, fewer than the {slots} readers of '
                              f'world_size={world_size} x num_workers={max(num_workers, 1)}: lower data.num_workers or '
-                             f're-shard with more, smaller shards (data_tools/make_shards.py --samples-per-shard)')
+                             f're-shard with more, smaller shards (cosim-make-shards --samples-per-shard)')
         self.consumed = 0                   # samples consumed over all ranks
         # shard name -> reason, for corrupt shards met so far or listed in a loaded state
         self.bad_shards: dict[str, str] = {}

@@ -3,7 +3,7 @@
 (sha256, size, content) and decoding their samples.
 
 
-Dataset layout (written by `data_tools/make_shards.py` and `data_tools/encode_latents.py`):
+Dataset layout (written by `cosim-make-shards` and `cosim-encode-latents`):
     manifest.parquet    one row per shard: name, samples, bytes, sha256, class_hist (list of label_count ints);
                         the schema metadata 'cosim_dist.info' holds DatasetInfo as JSON (kind, resolution, channels,
                         label_count, latent_scale, latent_bias, extra provenance)
@@ -104,11 +104,11 @@ def read_manifest(store: ObjectStore) -> tuple[DatasetInfo, list[ShardEntry]]:
         table = pq.read_table(io.BytesIO(store.read(MANIFEST)))
     except FileNotFoundError as e:
         raise FileNotFoundError(f'{store.url}/{MANIFEST} not found: '
-                                f'is {store.url} a dataset written by data_tools/make_shards.py?') from e
+                                f'is {store.url} a dataset written by cosim-make-shards?') from e
     meta = table.schema.metadata or {}
     if INFO_KEY not in meta:
         raise ValueError(f'{store.url}/{MANIFEST} has no {INFO_KEY.decode()} metadata; '
-                         'rewrite it with data_tools/make_shards.py')
+                         'rewrite it with cosim-make-shards')
     entries = [ShardEntry(**row) for row in table.to_pylist()]
     if not entries:
         raise ValueError(f'{store.url}/{MANIFEST} lists no shards')

@@ -13,6 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 {
     echo "# Lock file for the run and test dependencies (pip constraints), made by scripts/lock.sh on $(date -u +%F)"
     echo "# with $("$venv/bin/python" --version) on $(uname -m). Used by the README's install commands and .ci/run."
-    "$venv/bin/pip" freeze --exclude-editable | LC_ALL=C sort -f
+    # --all keeps setuptools (the `test` extra: tests/test_packaging.py builds the wheel without build isolation)
+    "$venv/bin/pip" freeze --all --exclude pip --exclude-editable | LC_ALL=C sort -f
 } > constraints.txt
 echo "constraints.txt: $(grep -vc '^#' constraints.txt) pinned packages"

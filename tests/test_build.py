@@ -87,7 +87,7 @@ def test_default_task_checks_evaluation_inputs_before_training(tmp_path):
         load_config(args, ready=True)
     assert e.value.problems == [
         f'eval.ref={tmp_path}/ref.pkl does not exist: download or copy reference statistics (EDM2 '
-        'dataset-refs/*.pkl or data_tools/ref_stats.py) there, or fix the path',
+        'dataset-refs/*.pkl or cosim-ref-stats) there, or fix the path',
         'eval.inception_weights is required for task=default: set it to the inception weights file',
         'eval.dinov2_weights is required for task=default: set it to the dinov2 weights file',
         'eval.vae is required for task=default: set it to a local diffusers AutoencoderKL directory '

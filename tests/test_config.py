@@ -1,5 +1,6 @@
 """Configuration: groups, dotted overrides, errors naming the key and the choices, the saved YAML."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ from omegaconf import OmegaConf
 
 from cosim_dist.config import CONFIG_DIR, ConfigError, group_choices, load_config, parse_seeds, save_config
 
-ROOT = CONFIG_DIR.parent
+ROOT = pathlib.Path(__file__).resolve().parents[1]   # the checkout (launch.py)
 
 def test_defaults_groups_and_overrides():
     cfg = load_config([])
@@ -161,7 +162,7 @@ def test_every_problem_is_reported_at_once_one_line_each(tmp_path):
         'error: kernel.eta=3.0 must lie in (0, 1]',
         'error: model.teacher is required for task=eval: set it to the official checkpoint of model.arch=edm2',
         f'error: eval.ref={tmp_path}/refs.pkl does not exist: download or copy reference statistics (EDM2 '
-        'dataset-refs/*.pkl or data_tools/ref_stats.py) there, or fix the path',
+        'dataset-refs/*.pkl or cosim-ref-stats) there, or fix the path',
         'error: eval.inception_weights is required for task=eval: set it to the inception weights file',
         'error: eval.dinov2_weights is required for task=eval: set it to the dinov2 weights file',
         'error: eval.vae is required for task=eval: set it to a local diffusers AutoencoderKL directory '

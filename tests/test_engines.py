@@ -2,17 +2,18 @@
 teacher offload, save/load resume. A teacher is pretrained once (tiny) and shared through the cache."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from cosim_dist.config import CONFIG_DIR
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
-LAUNCH = [sys.executable, str(CONFIG_DIR.parent / 'launch.py')]
-PROBE = CONFIG_DIR.parent / 'tests' / 'helpers' / 'grad_probe.py'
+LAUNCH = [sys.executable, str(REPO / 'launch.py')]
+PROBE = REPO / 'tests' / 'helpers' / 'grad_probe.py'
 BASE = ['task=train', 'engine.backend=deepspeed', 'pretrain.kimg=1', 'pretrain.batch=64', 'model.net.model_channels=16',
         'train.batch=16', 'train.log_kimg=0.016', 'train.checkpoint_kimg=0', 'logging.wandb=disabled',
         'logging.progress=false']

@@ -1,6 +1,7 @@
 """End to end: `launch.py` pretrains a small toy teacher, distils it, evaluates, and writes its outputs."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 
 from cosim_dist import build
-from cosim_dist.config import CONFIG_DIR, load_config
+from cosim_dist.config import load_config
 from cosim_dist.eval.metrics import frechet_to_reference
 from cosim_dist.eval.samplers import cosim_spec, sampler_moments
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SMALL = ['pretrain.kimg=25', 'pretrain.batch=128', 'train.kimg=6', 'train.batch=32', 'train.log_kimg=2',
          'train.checkpoint_kimg=3', 'eval.num_samples=2000', 'eval.heun_steps=8', 'logging.progress=false']
@@ -18,7 +21,7 @@ SMALL = ['pretrain.kimg=25', 'pretrain.batch=128', 'train.kimg=6', 'train.batch=
 @pytest.mark.slow
 def test_small_run_improves_on_initialisation(tmp_path):
     args = [f'run.root={tmp_path}', 'run.name=e2e', 'logging.wandb=offline', *SMALL]
-    out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), *args], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(REPO / 'launch.py'), *args], capture_output=True, text=True,
                          cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / 'e2e'
@@ -49,7 +52,7 @@ def test_small_run_improves_on_initialisation(tmp_path):
 def test_rerun_resumes_and_reuses_teacher(tmp_path):
     args = [f'run.root={tmp_path}', 'run.name=r', 'logging.wandb=disabled', *SMALL, 'pretrain.kimg=2',
             'eval.num_samples=200', 'task=train']
-    launch = [sys.executable, str(CONFIG_DIR.parent / 'launch.py')]
+    launch = [sys.executable, str(REPO / 'launch.py')]
     first = subprocess.run(launch + args + ['train.kimg=3'], capture_output=True, text=True, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     second = subprocess.run(launch + args, capture_output=True, text=True, cwd=tmp_path)

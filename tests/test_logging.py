@@ -4,6 +4,7 @@ status line per logging interval, no progress bar when stderr is not a terminal.
 import itertools
 import json
 import os
+import pathlib
 import struct
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import pytest
 import wandb
 
 from cosim_dist import build
-from cosim_dist.config import CONFIG_DIR, load_config
+from cosim_dist.config import load_config
 from cosim_dist.logging import RunLogger
 
-LAUNCH = [sys.executable, str(CONFIG_DIR.parent / 'launch.py')]
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+LAUNCH = [sys.executable, str(REPO / 'launch.py')]
 
 def offline_run(path):
     """The run record of an offline `.wandb` file (a LevelDB-style log of protobuf records: 32 KiB blocks, 7-byte

@@ -59,13 +59,13 @@ def reference_stats(path: str | None, metrics: list[FeatureMetric]) -> dict[str,
     """{metric name: (mu, sigma)} from an EDM2 .pkl or EDM .npz; every metric must be present with the right size."""
     if path is None:
         raise FileNotFoundError('eval.ref is not set: pass reference statistics (EDM2 dataset-refs/*.pkl, EDM '
-                                'fid-refs/*.npz, or data_tools/ref_stats.py output) as eval.ref=PATH')
+                                'fid-refs/*.npz, or cosim-ref-stats output) as eval.ref=PATH')
     ref = load_ref(path)
     out = {}
     for m in metrics:
         if m.kind.ref_key not in ref:
             raise ValueError(f'reference {path} has no {m.kind.ref_key!r} statistics (it has {sorted(ref)}): compute '
-                             f'them with data_tools/ref_stats.py or drop {m.info["extractor"]} from eval.metrics')
+                             f'them with cosim-ref-stats or drop {m.info["extractor"]} from eval.metrics')
         mu, sigma = ref[m.kind.ref_key]
         if mu.shape != (m.kind.dim,):
             raise ValueError(f'reference {path}: {m.kind.ref_key} statistics have shape {mu.shape}, '

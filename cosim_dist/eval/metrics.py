@@ -89,7 +89,7 @@ def load_ref(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray
     """Read an EDM2 .pkl or an EDM .npz reference as {metric: (mu, sigma)}."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'reference statistics {path} do not exist: compute them with data_tools/ref_stats.py '
+        raise FileNotFoundError(f'reference statistics {path} do not exist: compute them with cosim-ref-stats '
                                 f'or download EDM2\'s dataset-refs/img512.pkl')
     if path.suffix == '.npz':
         with np.load(path, allow_pickle=False) as z:

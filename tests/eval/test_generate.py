@@ -14,11 +14,13 @@ from PIL import Image
 
 from cosim_dist import cosim, tasks
 from cosim_dist.build import noise_range
-from cosim_dist.config import CONFIG_DIR, load_config
+from cosim_dist.config import load_config
 from cosim_dist.eval.decode import pixels_to_uint8
 from cosim_dist.eval.real import save_pngs
 from cosim_dist.eval.samplers import cosim_spec, seeded_inputs
 from cosim_dist.teacher_io import load_snapshot
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 TINY = ['run.device=cpu', 'model.net.model_channels=16', 'pretrain.kimg=0.2', 'pretrain.batch=64', 'train.kimg=0.064',
         'train.batch=32', 'train.checkpoint_kimg=0', 'eval.steps=[1,2]', 'logging.wandb=disabled',
@@ -88,7 +90,7 @@ def test_missing_generator_is_a_one_line_error(toy_run, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_write_the_files_of_one(toy_run, tmp_path):
     one = generate(toy_run, 'generate.seeds=0-4', 'generate.npz=true', 'eval.batch=1', f'generate.out={tmp_path}/one')
-    out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), '--nproc=2', *toy_run, 'task=generate',
+    out = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--nproc=2', *toy_run, 'task=generate',
                           'generate.seeds=0-4', 'generate.npz=true', 'eval.batch=1', f'generate.out={tmp_path}/two'],
                          capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert out.returncode == 0, out.stderr[-3000:]

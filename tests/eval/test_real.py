@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from cosim_dist import tasks
-from cosim_dist.config import CONFIG_DIR, load_config
+from cosim_dist.config import load_config
 from cosim_dist.eval.metrics import load_ref, save_ref
 from cosim_dist.eval.real import rank_chunks, seed_chunks
 from cosim_dist.nets import build_network
 from cosim_dist.storage import sha256_file
 from cosim_dist.teacher_io import save_snapshot
-from data_tools.ref_stats import main as ref_stats
+from cosim_dist.tools.ref_stats import main as ref_stats
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 SONG = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
             attn_resolutions=[], dropout=0.0)
@@ -148,7 +150,7 @@ def test_missing_files_are_clear_errors(tmp_path, nets, dummy_ref, inception_wei
         run_eval(base + [f'eval.inception_weights={tmp_path}/none.pth'])
     with pytest.raises(FileNotFoundError, match='dinov2_vitl14_pretrain.pth'):
         run_eval(base + ['eval.metrics=[inception,dinov2]'])
-    with pytest.raises(FileNotFoundError, match='data_tools/ref_stats.py'):
+    with pytest.raises(FileNotFoundError, match='cosim-ref-stats'):
         run_eval(base + [f'eval.ref={tmp_path}/none.pkl'])
     with pytest.raises(FileNotFoundError, match='eval.generator=PATH'):
         run_eval(base + [f'eval.generator={tmp_path}/none.pt'])
@@ -159,7 +161,7 @@ def test_missing_files_are_clear_errors(tmp_path, nets, dummy_ref, inception_wei
 def test_two_ranks_give_the_statistics_of_one(tmp_path, nets, dummy_ref, inception_weights):
     one = run_eval(eval_args(tmp_path, 'one', nets['g1'], dummy_ref, inception_weights, 'eval.num_samples=18'))
     args = eval_args(tmp_path, 'two', nets['g1'], dummy_ref, inception_weights, 'eval.num_samples=18')
-    out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), '--nproc=2', *args],
+    out = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--nproc=2', *args],
                          capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert out.returncode == 0, out.stderr[-3000:]
     two = json.loads((tmp_path / 'two' / 'eval.json').read_text())
@@ -187,8 +189,8 @@ def test_both_extractors(tmp_path, nets, dummy_ref, inception_weights, dinov2_we
 @pytest.mark.slow
 def test_launch_reports_a_missing_reference_in_one_line(tmp_path, nets, inception_weights):
     args = eval_args(tmp_path, 'm', nets['g1'], str(tmp_path / 'refs' / 'img512.pkl'), inception_weights)
-    out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), *args], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(REPO / 'launch.py'), *args], capture_output=True, text=True)
     assert out.returncode == 2 and 'Traceback' not in out.stderr
     assert [line for line in out.stderr.splitlines() if line.startswith('error:')] == [   # found at launch
         f'error: eval.ref={tmp_path}/refs/img512.pkl does not exist: download or copy reference statistics (EDM2 '
-        f'dataset-refs/*.pkl or data_tools/ref_stats.py) there, or fix the path']
+        f'dataset-refs/*.pkl or cosim-ref-stats) there, or fix the path']

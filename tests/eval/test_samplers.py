@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from cosim_dist import build, cosim
-from cosim_dist.config import CONFIG_DIR, load_config
+from cosim_dist.config import load_config
 from cosim_dist.eval.samplers import cosim_spec, rank_seeds, sampler_moments, tune_grid
 from cosim_dist.teacher_io import save_snapshot
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def test_rank_seeds_partition_the_range():
     for world in (1, 2, 3, 7):
@@ -42,7 +45,7 @@ def test_two_ranks_give_the_same_table_as_one(tmp_path):
     save_snapshot(cfg.run_dir / 'generator.pt', teacher)
     tables = []
     for nproc in (1, 2):
-        out = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), f'--nproc={nproc}', *args],
+        out = subprocess.run([sys.executable, str(REPO / 'launch.py'), f'--nproc={nproc}', *args],
                              capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
         assert out.returncode == 0, out.stderr[-3000:]
         tables.append(json.loads((cfg.run_dir / 'eval.json').read_text()))

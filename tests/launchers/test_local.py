@@ -13,16 +13,14 @@ import time
 import pytest
 import torch
 
-from cosim_dist.config import CONFIG_DIR
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.slow
 ARGS = ['task=train', 'engine.backend=deepspeed', 'engine.zero_stage=1', 'pretrain.kimg=1', 'pretrain.batch=64',
         'model.net.model_channels=16', 'train.batch=16', 'train.batch_gpu=8', 'train.kimg=0.8', 'train.log_kimg=0.016',
         'train.checkpoint_kimg=0', 'checkpoint.async_upload=true', 'logging.wandb=disabled', 'logging.progress=false']
 
 def start(root: pathlib.Path, name: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(CONFIG_DIR.parent / 'launch.py'), '--nproc=2', f'run.root={root}',
-           f'run.name={name}', *ARGS]
+    cmd = [sys.executable, str(REPO / 'launch.py'), '--nproc=2', f'run.root={root}', f'run.name={name}', *ARGS]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
@@ -44,6 +42,21 @@ def progress(root: pathlib.Path, name: str) -> int:
     lines = path.read_text().splitlines() if path.exists() else []
     return json.loads(lines[-1])['nimg'] if lines else 0
 
+def test_ranks_run_the_launchers_copy_of_the_package(monkeypatch):
+    """N local ranks are `python -m cosim_dist.launch` processes; a copy of the package outside site-packages (this
+    checkout) goes first on their PYTHONPATH, so they never import another installed copy (the installed case:
+    tests/test_packaging.py)."""
+    from cosim_dist.launchers import local
+    calls = []
+    monkeypatch.setattr(subprocess, 'run',
+                        lambda cmd, env: calls.append((cmd, env)) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setenv('PYTHONPATH', '/elsewhere')
+    assert local.launch_processes(2, ['model=toy']) == 0
+    ((cmd, env),) = calls
+    assert cmd[-3:] == ['-m', 'cosim_dist.launch', 'model=toy'] and '--nproc_per_node=2' in cmd
+    assert env['PYTHONPATH'].split(os.pathsep) == [str(REPO), '/elsewhere']
+
+@pytest.mark.slow
 def test_three_usr2_preemptions_equal_an_uninterrupted_run(tmp_path):
     straight = start(tmp_path, 'straight')
     assert straight.wait(timeout=300) == 0, straight.stdout.read()[-3000:]

@@ -1,15 +1,14 @@
 """slurm/train.sbatch without submitit on the real single-node Slurm: USR2 to the job's tasks makes the ranks save
 and exit with code 3, the script requeues the job, and the rerun resumes and finishes."""
 
+import pathlib
 import subprocess
 import time
 
 import pytest
 
-from cosim_dist.config import CONFIG_DIR
-
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-REPO = CONFIG_DIR.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def test_sbatch_script_requeues_after_usr2(slurm_cluster, tmp_path, monkeypatch):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')

@@ -12,8 +12,10 @@ import time
 import pytest
 import torch
 
-from cosim_dist.config import CONFIG_DIR, load_config
-from launchers.slurm import SlurmOptions, submit
+from cosim_dist.config import load_config
+from cosim_dist.launchers.slurm import SlurmOptions, submit
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ARGS = ['task=train', 'engine.backend=deepspeed', 'engine.zero_stage=1', 'pretrain.kimg=1', 'pretrain.batch=64',
@@ -37,7 +39,7 @@ def test_preempted_slurm_run_requeues_and_matches_local_run(slurm_cluster, tmp_p
     import submitit
     # sbatch exports it: same kernels, same reduction order as the local run
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    ref = subprocess.run([sys.executable, str(CONFIG_DIR.parent / 'launch.py'), '--nproc=2', f'run.root={tmp_path}',
+    ref = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--nproc=2', f'run.root={tmp_path}',
                           'run.name=local', *ARGS],
                          capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert ref.returncode == 0, ref.stderr[-3000:]

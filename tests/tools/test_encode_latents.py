@@ -15,8 +15,8 @@ from cosim_dist.data import ShardStream
 from cosim_dist.latents import latent_scale_bias
 from cosim_dist.shards import load_shard, read_manifest, verify_manifest
 from cosim_dist.storage import open_store
-from data_tools.encode_latents import EncodeConfig, main, run_task
-from data_tools.make_shards import main as make_shards
+from cosim_dist.tools.encode_latents import EncodeConfig, encode, run_task
+from cosim_dist.tools.make_shards import main as make_shards
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,7 @@ def test_killed_task_rerun_completes_without_redoing(tmp_path, tiny_vae, pixels)
     content = blocked.read_bytes()
     blocked.unlink()
     os.mkfifo(blocked)
-    proc = subprocess.Popen([sys.executable, '-m', 'data_tools.encode_latents', *args, '--task', '1'], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, '-m', 'cosim_dist.tools.encode_latents', *args, '--task', '1'], cwd=REPO,
                             env=os.environ | {'PYTHONPATH': str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _wait_for(out / '_entries' / 'shard-000001.tar.json', proc)
@@ -60,7 +60,7 @@ def test_killed_task_rerun_completes_without_redoing(tmp_path, tiny_vae, pixels)
     (out / 'shard-000005.tar').write_bytes(b'a shard without an entry, as left by a task killed before writing it')
     before = (out / 'shard-000001.tar').stat()
 
-    results = main([*args, '--cluster', 'local', '--log-dir', str(tmp_path / 'logs'), '--timeout-min', '10'])
+    results = encode([*args, '--cluster', 'local', '--log-dir', str(tmp_path / 'logs'), '--timeout-min', '10'])
     assert [(r['encoded'], r['skipped']) for r in results] == [(3, 0), (2, 1)] and any(r['manifest'] for r in results)
     after = (out / 'shard-000001.tar').stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns) # not redone

@@ -8,7 +8,7 @@ import pathlib
 import subprocess
 import sys
 
-from cosim_dist.config import Config, load_config
+from ..config import Config, load_config
 
 @dataclasses.dataclass
 class SlurmOptions:
@@ -46,9 +46,9 @@ class TrainTask:
 
         import submitit
 
-        from cosim_dist import distributed, tasks
-        from cosim_dist.logging import log, setup_console
-        from launchers.signals import StopFlag
+        from .. import distributed, tasks
+        from ..logging import log, setup_console
+        from .signals import StopFlag
 
         job = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

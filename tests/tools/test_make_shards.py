@@ -11,8 +11,8 @@ from cosim_dist.config import GMMConfig
 from cosim_dist.data import ShardStream
 from cosim_dist.shards import load_shard, read_manifest, verify_manifest
 from cosim_dist.storage import open_store
+from cosim_dist.tools.make_shards import adm_center_crop, main, write_gmm_shards
 from cosim_dist.toy import GMMWorld
-from data_tools.make_shards import adm_center_crop, main, write_gmm_shards
 
 def _stored(url: str) -> list[dict]:
     store = open_store(url)

@@ -10,8 +10,9 @@ Sources:
 Images are brought to --resolution with the ADM centre crop (docs/ALGORITHM.md) and shuffled (--seed) before
 sharding, so that every shard mixes all classes. --out is a local directory or an s3:// URL.
 
-    python -m data_tools.make_shards --source /data/imagenet/train --out s3://bucket/in512-pixels --resolution 512
-    python -m data_tools.make_shards --gmm 65536 --out /data/gmm16 --samples-per-shard 4096
+    cosim-make-shards --source /data/imagenet/train --out s3://bucket/in512-pixels --resolution 512
+    cosim-make-shards --gmm 65536 --out /data/gmm16 --samples-per-shard 4096
+(`python -m cosim_dist.tools.make_shards` is the same command.)
 """
 
 import argparse
@@ -20,14 +21,15 @@ import functools
 import itertools
 import multiprocessing
 import pathlib
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 
-from cosim_dist.shards import DatasetInfo, ShardEntry, shard_name, write_manifest, write_shard
-from cosim_dist.storage import StorageConfig, open_store
+from ..shards import DatasetInfo, ShardEntry, shard_name, write_manifest, write_shard
+from ..storage import StorageConfig, open_store
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 
@@ -131,7 +133,8 @@ def write_gmm_shards(world, n: int, out: str, *, seed: int = 0, samples_per_shar
 
 #----------------------------------------------------------------------------
 
-def main(argv: Sequence[str] | None = None) -> list[ShardEntry]:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `cosim-make-shards` console script."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument('--source', help='image folder (ImageNet layout) or .npz/.npy file')
@@ -145,10 +148,11 @@ def main(argv: Sequence[str] | None = None) -> list[ShardEntry]:
     args = parser.parse_args(argv)
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     if args.gmm is not None:
-        from cosim_dist.config import GMMConfig
-        from cosim_dist.toy import GMMWorld
-        return write_gmm_shards(GMMWorld(GMMConfig()), args.gmm, args.out, seed=args.seed,
-                                samples_per_shard=args.samples_per_shard, storage=storage)
+        from ..config import GMMConfig
+        from ..toy import GMMWorld
+        write_gmm_shards(GMMWorld(GMMConfig()), args.gmm, args.out, seed=args.seed,
+                         samples_per_shard=args.samples_per_shard, storage=storage)
+        return 0
     if args.resolution is None or args.resolution < 1:
         parser.error('--source needs --resolution R (R >= 1)')
     path = pathlib.Path(args.source)
@@ -158,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> list[ShardEntry]:
         info, samples = array_dataset(path, args.resolution, args.seed)
     else:
         parser.error(f'--source {path}: expected an existing folder of images or a .npz/.npy file')
-    return write_dataset(args.out, info, samples, args.samples_per_shard, storage)
+    write_dataset(args.out, info, samples, args.samples_per_shard, storage)
+    return 0
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

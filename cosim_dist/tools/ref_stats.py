@@ -1,12 +1,12 @@
 """Reference statistics for FID and FD-DINOv2 from an image folder or pixel shards, in EDM2's format.
 
-    python -m data_tools.ref_stats --data /data/imagenet/train --out refs/img512.pkl \\
+    cosim-ref-stats --data /data/imagenet/train --out refs/img512.pkl \\
         --inception-weights weights/weights-inception-2015-12-05-6726825d.pth \\
         --dinov2-weights weights/dinov2_vitl14_pretrain.pth --resolution 512
 
 Images are read as RGB uint8 (image folders are centre-cropped the ADM way to --resolution); every image passes
 through both extractors; statistics are float64 sums of f and f f^T. The output records which weights (sha256),
-source and image count produced it in a JSON next to it.
+source and image count produced it in a JSON next to it. `python -m cosim_dist.tools.ref_stats` is the same command.
 """
 
 import argparse
@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cosim_dist.distributed import pick_device
-from cosim_dist.eval import extractors
-from cosim_dist.eval.metrics import MomentAccumulator, save_ref
-from cosim_dist.storage import sha256_file
+from ..distributed import pick_device
+from ..eval import extractors
+from ..eval.metrics import MomentAccumulator, save_ref
+from ..storage import sha256_file
 
 def folder_batches(root: pathlib.Path, resolution: int, batch: int, limit: int | None) -> Iterator[torch.Tensor]:
     from PIL import Image
 
-    from data_tools.make_shards import adm_center_crop
+    from .make_shards import adm_center_crop
     files = sorted(p for p in root.rglob('*') if p.suffix.lower() in ('.png', '.jpg', '.jpeg', '.webp', '.bmp'))[:limit]
     if not files:
         raise SystemExit(f'error: no images under {root}')
@@ -36,8 +36,8 @@ def folder_batches(root: pathlib.Path, resolution: int, batch: int, limit: int |
         yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 def shard_batches(url: str, batch: int, limit: int | None) -> Iterator[torch.Tensor]:
-    from cosim_dist.shards import load_shard, read_manifest
-    from cosim_dist.storage import open_store
+    from ..shards import load_shard, read_manifest
+    from ..storage import open_store
     store = open_store(url)
     info, entries = read_manifest(store)
     if info.kind != 'pixels':
@@ -56,6 +56,7 @@ def shard_batches(url: str, batch: int, limit: int | None) -> Iterator[torch.Ten
         yield torch.stack(images)
 
 def main(argv: list[str] | None = None) -> int:
+    """The `cosim-ref-stats` console script."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', required=True, help='image folder, or a pixel-shard dataset (path or s3://)')
     parser.add_argument('--out', required=True, type=pathlib.Path, help='output .pkl (EDM2 format)')

@@ -1,4 +1,4 @@
-"""Encode a pixel shard dataset (data_tools/make_shards.py) into latent shards holding the VAE posterior mean and std
+"""Encode a pixel shard dataset (cosim-make-shards) into latent shards holding the VAE posterior mean and std
 (format: cosim_dist/shards.py), with a diffusers AutoencoderKL loaded from a local directory in the
 `stabilityai/sd-vae-ft-mse` layout (config.json + weights). Pixels enter the VAE as x/255 in [0, 1] and the dataset
 records scale = 0.5/raw_std, bias = -raw_mean*scale (EDM2 conventions, docs/ALGORITHM.md, "Reference facts").
@@ -9,12 +9,12 @@ i % tasks. A task skips every shard already done, i.e. present and matching its 
 writes manifest.parquet. A killed or preempted task is simply rerun; reruns never redo finished shards.
 
     # every task as a local process (GPU task % device_count when CUDA is present)
-    python -m data_tools.encode_latents --source s3://b/in512-px --out s3://b/in512-sd --vae /models/sd-vae-ft-mse \
---tasks 8
+    cosim-encode-latents --source s3://b/in512-px --out s3://b/in512-sd --vae /models/sd-vae-ft-mse --tasks 8
     # a Slurm job array through submitit
-    python -m data_tools.encode_latents ... --tasks 64 --cluster slurm --slurm-partition gpu
+    cosim-encode-latents ... --tasks 64 --cluster slurm --slurm-partition gpu
     # one task, e.g. from a plain sbatch array (slurm/encode_latents.sbatch)
-    python -m data_tools.encode_latents ... --tasks 64 --task $SLURM_ARRAY_TASK_ID
+    cosim-encode-latents ... --tasks 64 --task $SLURM_ARRAY_TASK_ID
+(`python -m cosim_dist.tools.encode_latents` is the same command.)
 """
 
 import argparse
@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -29,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cosim_dist.distributed import pick_device
-from cosim_dist.eval.decode import load_vae
-from cosim_dist.latents import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
-from cosim_dist.shards import (
+from ..distributed import pick_device
+from ..eval.decode import load_vae
+from ..latents import SD_VAE_RAW_MEAN, SD_VAE_RAW_STD, latent_scale_bias
+from ..shards import (
     CorruptShard,
     DatasetInfo,
     ShardEntry,
@@ -41,7 +42,7 @@ from cosim_dist.shards import (
     write_manifest,
     write_shard,
 )
-from cosim_dist.storage import ObjectStore, StorageConfig, open_store
+from ..storage import ObjectStore, StorageConfig, open_store
 
 ENTRIES = '_entries' # one JSON ShardEntry per finished output shard
 
@@ -90,7 +91,7 @@ def latent_info(cfg: EncodeConfig, pixels: DatasetInfo) -> DatasetInfo:
     if pixels.kind != 'pixels' or pixels.channels != vae['in_channels']:
         raise ValueError(f'--source {cfg.source}: kind={pixels.kind!r} with {pixels.channels} channels, '
                          f'but the VAE takes uint8 pixels with {vae["in_channels"]} channels '
-                         f'(write them with data_tools/make_shards.py --source)')
+                         f'(write them with cosim-make-shards --source)')
     if vae['latent_channels'] != len(cfg.raw_mean):
         raise ValueError(f'--vae {cfg.vae} has {vae["latent_channels"]} latent channels '
                          f'but --raw-mean/--raw-std give {len(cfg.raw_mean)}')
@@ -185,7 +186,8 @@ def launch(cfg: EncodeConfig, *, cluster: str, log_dir: str, timeout_min: int, s
                            + '\n  '.join(failed))
     return results
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def encode(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Parse the command line, run the tasks it asks for and print a summary; the per-task results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--source', required=True, help='pixel dataset (directory or s3:// URL)')
     parser.add_argument('--out', required=True, help='latent dataset (directory or s3:// URL)')
@@ -225,5 +227,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
           flush=True)
     return results
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `cosim-encode-latents` console script."""
+    encode(argv)
+    return 0
+
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -3,7 +3,7 @@ all ranks agree, save together and exit (ECOSYSTEM.md (a): never checkpoint insi
 
 import signal
 
-from cosim_dist.logging import log
+from ..logging import log
 
 class StopFlag:
     """Callable flag set by any of `signals` (USR2: Slurm preemption / time limit; TERM: a local stop)."""

@@ -1,4 +1,4 @@
-"""data_tools/ref_stats.py on an image folder with randomly initialised extractor weights; reference files in
+"""cosim-ref-stats on an image folder with randomly initialised extractor weights; reference files in
 EDM2's pickle format and EDM's .npz; a reference pickle that refers to anything but numpy arrays is refused."""
 
 import json
@@ -13,7 +13,7 @@ from PIL import Image
 from cosim_dist.eval import extractors
 from cosim_dist.eval.metrics import frechet_distance, load_ref, save_ref
 from cosim_dist.storage import sha256_file
-from data_tools import ref_stats
+from cosim_dist.tools import ref_stats
 
 def test_ref_stats_of_an_image_folder(tmp_path):
     net = extractors.DinoV2()
@@ -54,5 +54,5 @@ def test_reference_formats_and_refusal(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match='system'):
         load_ref(tmp_path / 'evil.pkl')
     assert not marker.exists()
-    with pytest.raises(FileNotFoundError, match='ref_stats.py'):
+    with pytest.raises(FileNotFoundError, match='cosim-ref-stats'):
         load_ref(tmp_path / 'missing.pkl')
