@@ -4,11 +4,13 @@ Layout under the store root: `step-<nimg>/` prefixes, immutable once committed. 
 every rank stages its own files (its DeepSpeed / engine writes) in a rank-local directory, uploads them
 (optionally in a background thread while training continues) and reports (key, size, sha256); rank 0 then
 writes `step-<nimg>/manifest.json` and, last, the `COMMIT` marker (create-only where the store supports it).
-A step without COMMIT does not exist. Resume takes the newest commit whose files all match the manifest,
-falling back to older commits (an unusable commit loses its COMMIT, so that training writes the step again);
-retention keeps the last `keep` commits and never the one resumed from.
+A step without COMMIT does not exist. Resume opens the newest commit lazily (`StepReader`: each rank reads only the
+files and byte ranges it needs, verified as they are read) and falls back to older commits when a load finds it
+unusable (`retire`: it loses its COMMIT, so that training writes the step again); retention keeps the last `keep`
+commits and never the one resumed from.
 """
 
+import hashlib
 import json
 import pathlib
 import re
@@ -19,6 +21,7 @@ import uuid
 import torch
 
 from .distributed import any_rank, barrier
+from .elastic import CorruptState
 from .logging import log
 from .storage import ObjectStore, StorageConfig, open_store, sha256_file
 
@@ -43,6 +46,7 @@ class CheckpointManager:
         self.staging, self.rank, self.keep, self.async_upload = pathlib.Path(staging), rank, keep, async_upload
         self.resumed: str | None = None         # the commit this run resumed from (never deleted)
         self._pending: tuple[int, threading.Thread, dict] | None = None
+        self.retired: set[int] = set()          # commits found unusable by this run
 
     #------------------------------------------------------------------------
 
@@ -52,15 +56,15 @@ class CheckpointManager:
                  if (m := STEP.match(key)) and key.endswith('/COMMIT')}
         return sorted(steps)
 
-    def _rank_dir(self, kind: str, nimg: int) -> pathlib.Path:
-        return self.staging / f'{kind}-rank{self.rank}' / step_prefix(nimg)
+    def _rank_dir(self, nimg: int) -> pathlib.Path:
+        return self.staging / f'stage-rank{self.rank}' / step_prefix(nimg)
 
     def stage(self, nimg: int) -> pathlib.Path:
         """Collective. Finish the previous save, then hand out an empty rank-local directory for this one."""
         self.wait()
         if nimg in (self.committed() if self.rank == 0 else []):
             raise FileExistsError(f'{self.store.url}/{step_prefix(nimg)} is already committed; steps are immutable')
-        path = self._rank_dir('stage', nimg)
+        path = self._rank_dir(nimg)
         shutil.rmtree(path.parent, ignore_errors=True)
         path.mkdir(parents=True)
         barrier()
@@ -68,7 +72,7 @@ class CheckpointManager:
 
     def commit(self, nimg: int) -> None:
         """Collective. Upload this rank's files (in the background if async) and commit when all ranks are done."""
-        path = self._rank_dir('stage', nimg)
+        path = self._rank_dir(nimg)
         result: dict = {}
 
         def upload() -> None:
@@ -112,7 +116,7 @@ class CheckpointManager:
             log.info(f'checkpoint committed: {self.store.url}/{step_prefix(nimg)} ({len(entries)} files, '
                      f'{sum(e["size"] for e in entries) / 2**20:.1f} MiB)')
             self._retain()
-        shutil.rmtree(self._rank_dir('stage', nimg).parent, ignore_errors=True)
+        shutil.rmtree(self._rank_dir(nimg).parent, ignore_errors=True)
         barrier()
 
     def _create_commit(self, nimg: int) -> None:
@@ -136,37 +140,73 @@ class CheckpointManager:
 
     #------------------------------------------------------------------------
 
-    def _download(self, nimg: int) -> tuple[pathlib.Path | None, str]:
-        """Fetch a committed step into a rank-local directory and verify every file; (path, '') or (None, why)."""
+    def open_step(self, nimg: int) -> 'StepReader':
+        """A committed step, read lazily (FileNotFoundError / ValueError if its manifest is missing or unreadable)."""
         prefix = step_prefix(nimg)
-        try:
-            manifest = json.loads(self.store.read(f'{prefix}/manifest.json'))
-            path = self._rank_dir('restore', nimg)
-            shutil.rmtree(path.parent, ignore_errors=True)
-            for e in manifest['files']:
-                local = path / e['key'][len(prefix) + 1:]
-                local.parent.mkdir(parents=True, exist_ok=True)
-                self.store.get_file(e['key'], local)
-                if local.stat().st_size != e['size'] or sha256_file(local) != e['sha256']:
-                    return None, f'{e["key"]} does not match its manifest entry (size or sha256)'
-            return path, ''
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            return None, f'{type(e).__name__}: {e}'
+        return StepReader(self.store, prefix, json.loads(self.store.read(f'{prefix}/manifest.json')))
 
-    def latest(self) -> pathlib.Path | None:
-        """Collective. A local copy of the newest commit that verifies on every rank, or None."""
+    def latest(self) -> 'StepReader | None':
+        """Collective. The newest commit (not retired) whose manifest reads on every rank, or None. Its files are
+        verified as they are read; a load that finds them unusable calls `retire` and asks again."""
         steps = _gather(self.committed() if self.rank == 0 else None)[0]
         for nimg in reversed(steps):
-            path, why = self._download(nimg)
-            if not any_rank(path is None):
+            if nimg in self.retired:
+                continue
+            reader, why = None, ''
+            try:
+                reader = self.open_step(nimg)
+            except (FileNotFoundError, KeyError, ValueError) as e:
+                why = f'{type(e).__name__}: {e}'
+            if not any_rank(reader is None):
                 self.resumed = step_prefix(nimg)
-                return path
-            log.warning(f'checkpoint {self.store.url}/{step_prefix(nimg)} is unusable ({why or "on another rank"}); '
-                        f'retiring it (COMMIT removed, so that the step is written again) '
-                        f'and trying the previous commit')
-            if self.rank == 0:
-                self.store.delete(f'{step_prefix(nimg)}/COMMIT')
+                return reader
+            self.retire(nimg, why or 'its manifest did not read on another rank')
         return None
+
+    def retire(self, nimg: int, why: str) -> None:
+        """Collective. An unusable commit loses its COMMIT (so that training writes the step again)."""
+        log.warning(f'checkpoint {self.store.url}/{step_prefix(nimg)} is unusable ({why}); retiring it (COMMIT '
+                    f'removed, so that the step is written again) and trying the previous commit')
+        if self.rank == 0:
+            self.store.delete(f'{step_prefix(nimg)}/COMMIT')
+        self.retired.add(nimg)
+        if self.resumed == step_prefix(nimg):
+            self.resumed = None
+        barrier()
 
     def close(self) -> None:
         self.wait()
+
+#----------------------------------------------------------------------------
+
+class StepReader:
+    """One committed step in the store, read without fetching whole files: small files whole (verified against the
+    manifest's sha256), shard files by byte ranges (verified by elastic.py's block hashes). `bytes_read` counts what
+    this rank read."""
+
+    def __init__(self, store: ObjectStore, prefix: str, manifest: dict) -> None:
+        self.store, self.prefix, self.nimg = store, prefix, int(manifest['nimg'])
+        self.files = {e['key'][len(prefix) + 1:]: e for e in manifest['files']}
+        self.bytes_read = 0
+
+    @property
+    def url(self) -> str:
+        return f'{self.store.url}/{self.prefix}'
+
+    def _entry(self, name: str) -> dict:
+        if name not in self.files:
+            raise FileNotFoundError(f'{self.url}/{name} is not in the checkpoint manifest')
+        return self.files[name]
+
+    def read(self, name: str) -> bytes:
+        entry, data = self._entry(name), self.store.read(f'{self.prefix}/{name}')
+        self.bytes_read += len(data)
+        if len(data) != entry['size'] or hashlib.sha256(data).hexdigest() != entry['sha256']:
+            raise CorruptState(f'{self.url}/{name} does not match its manifest entry (size or sha256)')
+        return data
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        self._entry(name)
+        data = self.store.read_range(f'{self.prefix}/{name}', start, end)
+        self.bytes_read += len(data)
+        return data

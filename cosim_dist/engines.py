@@ -1,16 +1,16 @@
 """Training engines (a network, its optimiser and the step around them) and the frozen teacher's placement.
 
 Both engine kinds expose what the trainer uses: `module`, `backward(loss)` (scaled by 1 / accumulation
-steps), `step()` (called after every micro-batch, applied at the accumulation boundary), `save(dir)`,
-`load(dir) -> client state`, and `full_parameters()` (a context in which every parameter is materialised,
-for the EMA under ZeRO-3). An optional `WeightConstraint` (EDM2's forced weight normalisation) is applied once at
+steps), `step()` (called after every micro-batch, applied at the accumulation boundary), `full_parameters()` (a
+context in which every parameter is materialised, for the EMA under ZeRO-3) and the training state as full fp32
+tensors (`get_full` / `set_full` per parameter and kind, `adam_step` / `set_adam_step`), which elastic.py stores
+independently of the world size. An optional `WeightConstraint` (EDM2's forced weight normalisation) is applied once at
 construction and after every optimiser step, to the module's weights and to the optimiser's master copy.
 `TorchEngine` is one process with plain Adam; `DeepSpeedEngine` wraps `deepspeed.initialize` with ZeRO stage 0-3.
 Precision is autocast (fp32 master weights, see `autocast`)."""
 
 import contextlib
 import os
-import pathlib
 
 import torch
 
@@ -56,6 +56,31 @@ def project_(constraint: WeightConstraint | None) -> None:
     for p in constraint.params if constraint else []:
         p.copy_(constraint.project(p.float()))
 
+#----------------------------------------------------------------------------
+# The training state of an engine as full fp32 tensors: each parameter and its two Adam moments (elastic.py stores
+# them independently of the world size), plus Adam's step count.
+
+MOMENTS = ('exp_avg', 'exp_avg_sq')      # Adam's state per parameter (torch.optim.Adam / AdamW)
+
+def state_specs(module: torch.nn.Module, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, canonical shape) of every state tensor of a trained module, in a fixed order."""
+    return [(f'{prefix}/{name}/{kind}', tuple(getattr(p, 'ds_shape', p.shape)))     # ZeRO-3: the unpartitioned shape
+            for name, p in module.named_parameters() for kind in ('param', *MOMENTS)]
+
+def _torch_adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, step: int | None = None) -> dict:
+    """The Adam state of p, created (zero moments) if the optimiser has not stepped yet."""
+    state = optimizer.state[p]
+    if not state:
+        # (ZeRO-3 swaps its flat partitions into the param groups only while stepping: the first group's flags)
+        group = next((g for g in optimizer.param_groups if any(q is p for q in g['params'])), optimizer.param_groups[0])
+        on_device = group.get('fused') or group.get('capturable')
+        state.update(step=torch.tensor(0.0, device=p.device if on_device else 'cpu'),
+                     exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                     exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+    if step is not None:
+        state['step'].fill_(step)
+    return state
+
 class TorchEngine:
     """One process: Adam on fp32 parameters, gradient accumulation over `accum` micro-batches."""
 
@@ -79,30 +104,24 @@ class TorchEngine:
     def full_parameters(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def save(self, directory: pathlib.Path, client_state: dict | None = None) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save({'module': self.module.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                    'client_state': client_state or {}}, directory / 'engine.pt')
+    # Training state as full tensors (see state_specs).
 
-    def load(self, directory: pathlib.Path) -> dict:
-        path = directory / 'engine.pt'
-        if not path.is_file():
-            raise FileNotFoundError(f'no engine state at {path} '
-                                    '(was the checkpoint written by engine.backend=deepspeed?)')
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-        self.module.load_state_dict(sd['module'])
-        self.optimizer.load_state_dict(sd['optimizer'])
-        return sd['client_state']
+    def get_full(self, name: str, kind: str) -> torch.Tensor:
+        p = self.module.get_parameter(name)
+        return p.data if kind == 'param' else _torch_adam_state(self.optimizer, p)[kind]
 
-def saved_client_state(directory: pathlib.Path) -> dict:
-    """The client state of an engine save of either backend, read without building an engine (DeepSpeed keeps it
-    in the module-states file of model-parallel rank 0)."""
-    for path in (directory / 'engine.pt', directory / 'state' / 'mp_rank_00_model_states.pt'):
-        if path.is_file():
-            state = torch.load(path, map_location='cpu', weights_only=True)
-            return state['client_state'] if path.name == 'engine.pt' else state
-    raise FileNotFoundError(f'{directory} holds no engine state (engine.pt or state/mp_rank_00_model_states.pt): '
-                            f'pass a committed checkpoint step directory, <checkpoints>/step-<nimg>')
+    @torch.no_grad()
+    def set_full(self, name: str, kind: str, value: torch.Tensor) -> None:
+        p = self.module.get_parameter(name)
+        target = p.data if kind == 'param' else _torch_adam_state(self.optimizer, p)[kind]
+        target.copy_(value.reshape(target.shape))
+
+    def adam_step(self) -> int:
+        return max((int(st['step']) for st in self.optimizer.state.values() if 'step' in st), default=0)
+
+    def set_adam_step(self, step: int) -> None:
+        for p in self.module.parameters():
+            _torch_adam_state(self.optimizer, p, step)
 
 #----------------------------------------------------------------------------
 
@@ -193,16 +212,82 @@ class DeepSpeedEngine:
         import deepspeed
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
-    def save(self, directory: pathlib.Path, client_state: dict | None = None) -> None:
-        """Collective: every rank must call it."""
-        self.engine.save_checkpoint(str(directory), tag='state', client_state=client_state or {}, save_latest=False)
+    # Training state as full tensors (see state_specs): DeepSpeed's safe_get/set_full helpers gather and scatter the
+    # fp32 master partitions and Adam moments of ZeRO 1-3; without ZeRO the optimiser holds plain parameters.
 
-    def load(self, directory: pathlib.Path) -> dict:
-        path, client = self.engine.load_checkpoint(str(directory), tag='state', load_module_strict=True,
-                                                   load_optimizer_states=True)
-        if path is None:   # DeepSpeed only warns when it finds nothing: a silent fresh start would lose the run
-            raise RuntimeError(f'DeepSpeed loaded nothing from {directory}/state; the checkpoint is incomplete')
-        return client
+    def _inner(self) -> torch.optim.Optimizer:
+        """The torch Adam that holds the moments (of the flat fp32 partitions under ZeRO)."""
+        opt = self.engine.optimizer
+        return opt if self.zero_stage == 0 else opt.optimizer
+
+    def _adam_params(self) -> list[torch.Tensor]:
+        """The tensors Adam's state is keyed by: the parameters, or ZeRO's flat fp32 partitions."""
+        opt = self.engine.optimizer
+        if self.zero_stage == 0:
+            return list(self.module.parameters())
+        return opt.fp32_partitioned_groups_flat if self.zero_stage == 3 else opt.single_partition_of_fp32_groups
+
+    def _ensure_moments(self) -> None:
+        """ZeRO creates Adam's moments lazily at the first step; a resume sets them before that."""
+        inner, flats = self._inner(), self._adam_params()
+        if self.zero_stage == 0 or all(inner.state[f] for f in flats):
+            return
+        for f in flats:
+            _torch_adam_state(inner, f)
+        if self.zero_stage < 3:            # link each parameter's fragment to the new moments
+            self.engine.optimizer._hp_optimizer_states_linked = False
+            self.engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def get_full(self, name: str, kind: str) -> torch.Tensor:
+        """Collective under ZeRO (every rank gets the full tensor)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        p = self.module.get_parameter(name)
+        if self.zero_stage == 0:
+            return p.data if kind == 'param' else _torch_adam_state(self._inner(), p)[kind]
+        self._ensure_moments()
+        return safe_get_full_fp32_param(p) if kind == 'param' else safe_get_full_optimizer_state(p, kind)
+
+    @torch.no_grad()
+    def set_full(self, name: str, kind: str, value: torch.Tensor) -> None:
+        """`value` is the full tensor on every rank; each keeps its partition (parameters: module and master)."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        p = self.module.get_parameter(name)
+        if self.zero_stage == 0:
+            target = p.data if kind == 'param' else _torch_adam_state(self._inner(), p)[kind]
+            target.copy_(value.reshape(target.shape))
+            return
+        self._ensure_moments()
+        value = value.reshape(getattr(p, 'ds_shape', p.shape))
+        if self.zero_stage == 3:
+            self._set_zero3_partition(p, None if kind == 'param' else kind, value)
+            if kind == 'param':
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(value)
+        elif kind != 'param':
+            safe_set_full_optimizer_state(p, value, kind)
+        else:
+            safe_set_full_fp32_param(p, value)
+            p.data.copy_(value)
+
+    def _set_zero3_partition(self, p: torch.nn.Parameter, key: str | None, value: torch.Tensor) -> None:
+        """This rank's slice of a full fp32 tensor into ZeRO-3's master partition (key None) or Adam moment.
+        (DeepSpeed's set_full_hp_param assumes no padding: a parameter smaller than the world size, e.g. a gain,
+        fails there.)"""
+        opt = self.engine.optimizer
+        part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+        start = part.numel() * opt._get_param_partition_rank(p)
+        piece = value.flatten()[start:start + part.numel()]
+        part.zero_()
+        part[:piece.numel()].copy_(piece)
+
+    def adam_step(self) -> int:
+        return max((int(st['step']) for st in self._inner().state.values() if 'step' in st), default=0)
+
+    def set_adam_step(self, step: int) -> None:
+        inner = self._inner()
+        for p in self._adam_params():
+            _torch_adam_state(inner, p, step)
 
 #----------------------------------------------------------------------------
 # The frozen teacher: a low-precision module, or a ZeRO-3 inference engine offloaded to host memory.

@@ -63,6 +63,7 @@ class ObjectStore(Protocol):
     def create(self, data: bytes, key: str) -> bool: ...                    # store bytes only if the key is new
     def get_file(self, key: str, path: str | os.PathLike) -> None: ...     # download to a local path (atomic)
     def read(self, key: str) -> bytes: ...                                  # whole object in memory
+    def read_range(self, key: str, start: int, end: int) -> bytes: ...      # bytes [start, end) of an object
     def open(self, key: str) -> BinaryIO: ...                               # streaming read; close it after use
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = '') -> list[str]: ...                      # sorted keys starting with prefix
@@ -136,6 +137,11 @@ class LocalStore:
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        with open(self._path(key), 'rb') as f:
+            f.seek(start)
+            return f.read(end - start)
 
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), 'rb')
@@ -229,6 +235,22 @@ class S3Store:
         except botocore.exceptions.ClientError as e:
             raise (self._missing(key) if _is_missing(e) else e) from e
         return buf.getvalue()
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """One ranged GET (botocore retries it; a broken body is read again once)."""
+        import botocore.exceptions
+        if end <= start:
+            return b''
+        for attempt in range(2):
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f'bytes={start}-{end - 1}')
+                return body['Body'].read()
+            except botocore.exceptions.ClientError as e:
+                raise (self._missing(key) if _is_missing(e) else e) from e
+            except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError):
+                if attempt:
+                    raise
+        return b''   # not reached: the second attempt returns or raises
 
     def open(self, key: str) -> BinaryIO:
         try:

@@ -7,6 +7,9 @@ gives the same result in 1 or N processes and resumes exactly from one counter."
 
 import contextlib
 import dataclasses
+import io
+import json
+import math
 import pathlib
 import shutil
 from collections.abc import Callable
@@ -15,13 +18,16 @@ from typing import Protocol
 import torch
 
 from . import cosim
+from .checkpoint import StepReader
 from .config import KernelConfig, LossConfig, TrainConfig
 from .distributed import any_rank, rank_mean
-from .engines import autocast, saved_client_state
+from .elastic import ITEM, CorruptState, Layout, load_state, save_state
+from .engines import autocast, state_specs
 from .logging import RunLogger, log
 from .nets import build_network
 from .resume import check_resume
 from .seeds import step_seed
+from .storage import open_store
 from .teacher_io import arch_name
 
 class BatchStream(Protocol):
@@ -30,7 +36,8 @@ class BatchStream(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 class Checkpointer(Protocol):
-    def latest(self) -> pathlib.Path | None: ...        # local directory of the newest committed checkpoint
+    def latest(self) -> StepReader | None: ...          # collective: the newest committed checkpoint, read lazily
+    def retire(self, nimg: int, why: str) -> None: ...  # collective: a commit that turned out unusable
     def stage(self, nimg: int) -> pathlib.Path: ...     # collective: local directory to write a checkpoint into
     def commit(self, nimg: int) -> None: ...            # collective: every rank wrote; make it the newest
     def close(self) -> None: ...                        # collective: finish pending uploads
@@ -82,16 +89,41 @@ class Trainer:
         self.state = TrainState()
 
     #------------------------------------------------------------------------
-    # Checkpoints: both engines through their own (collective) save, the rest as client state.
+    # Checkpoints: the training state as full tensors in world-size-free shards (elastic.py; each tensor stored once,
+    # the EMA included), the rest (counters, data state, resume fingerprint, Adam steps, buffers) in meta.pt.
+
+    def _state_specs(self) -> list[tuple[str, tuple[int, ...]]]:
+        return (state_specs(self.g.module, 'g') + state_specs(self.aux.module, 'aux')
+                + [(f'ema/{k}', tuple(p.shape)) for k, p in self.ema.named_parameters()])
+
+    def _state_access(self, specs):
+        """(get(i), set(i, value)) over the tensors of `specs`: engine state through the engines, EMA directly."""
+        engines, ema = {'g': self.g, 'aux': self.aux}, dict(self.ema.named_parameters())
+        parts = [key.split('/') for key, _ in specs]         # [net, name, kind] or ['ema', name]
+
+        def get(i: int) -> torch.Tensor:
+            net, name, *kind = parts[i]
+            return ema[name].data if net == 'ema' else engines[net].get_full(name, kind[0])
+
+        def set_(i: int, value: torch.Tensor) -> None:
+            net, name, *kind = parts[i]
+            if net == 'ema':
+                ema[name].data.copy_(value)
+            else:
+                engines[net].set_full(name, kind[0], value)
+        return get, set_
 
     def save_checkpoint(self) -> None:
         path = self.checkpointer.stage(self.state.nimg)
-        client = {'state': dataclasses.asdict(self.state), 'ema': self.ema.state_dict(), 'data': self.data.state_dict(),
-                  'config': self.fingerprint,    # and the EMA's architecture, so that it can be sampled on its own
-                  'ema_net': {'arch': arch_name(self.ema), 'init_kwargs': self.ema.init_kwargs}}
+        specs = self._state_specs()
+        meta = {'state': dataclasses.asdict(self.state), 'data': self.data.state_dict(), 'config': self.fingerprint,
+                'ema_net': {'arch': arch_name(self.ema), 'init_kwargs': self.ema.init_kwargs},  # sampled on its own
+                'adam_step': {'g': self.g.adam_step(), 'aux': self.aux.adam_step()},
+                'buffers': {'ema': dict(self.ema.named_buffers())}, 'world_size': self.world_size}
         try:
-            self.g.save(path / 'g', client_state=client)
-            self.aux.save(path / 'aux')
+            save_state(path, specs, self._state_access(specs)[0], self.rank, self.world_size)
+            if self.rank == 0:
+                torch.save(meta, path / 'meta.pt')
         except (OSError, RuntimeError) as e:    # torch.save reports a full disk as 'unexpected pos ...'
             free = shutil.disk_usage(path).free / 2**20
             raise OSError(f'checkpoint staging failed: could not write the state at {self.state.nimg} images '
@@ -101,17 +133,36 @@ class Trainer:
         self.saved_nimg = self.state.nimg
 
     def load_checkpoint(self) -> bool:
-        path = self.checkpointer.latest() if self.checkpointer is not None else None
-        if path is None:
-            return False
-        client = self.g.load(path / 'g')
-        check_resume(client.get('config', {}), self.fingerprint)
-        self.aux.load(path / 'aux')
-        self.state = TrainState(**client['state'])
-        self.ema.load_state_dict(client['ema'])
-        self.data.load_state_dict(client['data'])
-        log.info(f'resumed at {self.state.nimg / 1000:.1f} kimg from {path}')
-        return True
+        """Collective: resume from the newest usable commit (older ones if a load finds it corrupt), on any number of
+        ranks; False if there is none."""
+        while self.checkpointer is not None and (reader := self.checkpointer.latest()) is not None:
+            try:
+                self._restore(reader)
+                return True
+            except CorruptState as e:
+                self.checkpointer.retire(reader.nimg, str(e))
+        return False
+
+    def _restore(self, reader) -> None:
+        meta, layout, why = None, None, ''
+        try:
+            meta, layout = read_meta(reader)
+        except (CorruptState, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+            why = f'{type(e).__name__}: {e}'
+        if any_rank(meta is None):
+            raise CorruptState(why or 'its metadata did not read on another rank')
+        check_resume(meta.get('config', {}), self.fingerprint)
+        specs = self._state_specs()
+        self.restored_bytes = load_state(layout, specs, reader.read_range, self._state_access(specs)[1], self.rank,
+                                         self.world_size, self.device)
+        self.g.set_adam_step(meta['adam_step']['g'])
+        self.aux.set_adam_step(meta['adam_step']['aux'])
+        for name, value in meta['buffers']['ema'].items():
+            self.ema.get_buffer(name).copy_(value)
+        self.state = TrainState(**meta['state'])
+        self.data.load_state_dict(meta['data'])
+        log.info(f'resumed at {self.state.nimg / 1000:.1f} kimg from {reader.url} (written by {meta["world_size"]} '
+                 f'ranks; this rank read {reader.bytes_read / 2**20:.2f} MiB)')
 
     #------------------------------------------------------------------------
 
@@ -261,13 +312,37 @@ class Trainer:
 
 #----------------------------------------------------------------------------
 
+def read_meta(reader) -> tuple[dict, Layout]:
+    """A checkpoint step's meta.pt and the layout of its state shards (every writer's index)."""
+    if 'meta.pt' not in reader.files:
+        raise ValueError(f'{reader.url} has no meta.pt: it was written by an earlier cosim-dist (DeepSpeed\'s own '
+                         f'layout), which cannot resume here; start a new run (run.name=...) or use that version')
+    meta = torch.load(io.BytesIO(reader.read('meta.pt')), map_location='cpu', weights_only=True)
+    indexes = [json.loads(reader.read(name)) for name in sorted(reader.files) if name.endswith('.json')
+               and name.startswith('shard-')]
+    return meta, Layout(indexes)
+
+def read_checkpoint_tensors(step_dir: pathlib.Path, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, {name: tensor}) of the saved state tensors `<prefix>/<name>` of a checkpoint step directory (e.g. 'ema/'
+    for the EMA's parameters, 'g/' for the generator's master weights and moments), reading only their byte ranges."""
+    step_dir = pathlib.Path(step_dir)
+    if not (step_dir / 'manifest.json').is_file():
+        raise FileNotFoundError(f'{step_dir} is not a committed checkpoint step directory (no manifest.json): pass '
+                                f'<checkpoints>/step-<nimg>')
+    store = open_store(step_dir.parent)
+    meta, layout = read_meta(StepReader(store, step_dir.name, json.loads((step_dir / 'manifest.json').read_text())))
+    read = lambda file, a, b: store.read_range(f'{step_dir.name}/{file}', a, b)
+    tensors = {}
+    for key, (start, shape) in layout.tensors.items():
+        if key.startswith(prefix):
+            data = layout.read(read, start, start + math.prod(shape) * ITEM)
+            tensors[key[len(prefix):]] = torch.frombuffer(data, dtype=torch.float32).view(shape)
+    return meta, tensors
+
 def load_checkpoint_ema(step_dir: pathlib.Path) -> torch.nn.Module:
     """The generator EMA of a training checkpoint step directory (fp32, eval mode, frozen), rebuilt from the
-    architecture stored next to it in the client state."""
-    client = saved_client_state(pathlib.Path(step_dir) / 'g')
-    if 'ema_net' not in client:
-        raise ValueError(f'{step_dir}: the checkpoint records no EMA architecture (written before checkpoints stored '
-                         f'it): resume training to write a new checkpoint, or sample <run dir>/generator.pt')
-    net = build_network(client['ema_net']['arch'], **client['ema_net']['init_kwargs'])
-    net.load_state_dict(client['ema'])
+    architecture stored next to it; only the EMA's byte ranges of the state shards are read."""
+    meta, params = read_checkpoint_tensors(step_dir, 'ema/')
+    net = build_network(meta['ema_net']['arch'], **meta['ema_net']['init_kwargs'])
+    net.load_state_dict(params | meta['buffers']['ema'])
     return net.float().eval().requires_grad_(False)
