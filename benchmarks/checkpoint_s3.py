@@ -25,8 +25,9 @@ def measure(url: str, work: pathlib.Path, mib: int, files: int) -> tuple[float, 
     ck.commit(1)
     t1 = time.perf_counter()
     restored = CheckpointManager(url, work / 'restore').latest()
+    size = sum(len(restored.read(f'part{i}.bin')) for i in range(files))
+    assert size == mib * 2**20 // files * files
     t2 = time.perf_counter()
-    assert restored is not None and len(list(restored.iterdir())) == files
     return t1 - t0, t2 - t1
 
 def main() -> None:

@@ -116,6 +116,7 @@ class CheckpointManager:
             log.info(f'checkpoint committed: {self.store.url}/{step_prefix(nimg)} ({len(entries)} files, '
                      f'{sum(e["size"] for e in entries) / 2**20:.1f} MiB)')
             self._retain()
+        self.retired.discard(nimg)                 # written again: a new commit
         shutil.rmtree(self._rank_dir(nimg).parent, ignore_errors=True)
         barrier()
 

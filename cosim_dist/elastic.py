@@ -17,8 +17,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .distributed import any_rank
-
 ITEM = 4                                  # bytes per element: the state is float32
 BLOCK_MIN, BLOCK_MAX = 4 << 10, 8 << 20   # verification block size bounds (each file has ~256 blocks in between)
 
@@ -109,6 +107,16 @@ class Layout:
             out[ix['base'] + a - lo:ix['base'] + b - lo] = data[a - first * block:b - first * block]
         return out
 
+OK, CORRUPT, UNREADABLE = 0, 1, 2          # outcome of a rank's reads, agreed as the worst over ranks
+
+def worst(outcome: int) -> int:
+    """Collective: the largest outcome code over all ranks."""
+    if not torch.distributed.is_initialized():
+        return outcome
+    t = torch.tensor([outcome])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
+
 def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
     """The byte range of the global order that `rank` of `world` reads on a resume (element-aligned)."""
     n = total // ITEM
@@ -131,12 +139,18 @@ def load_state(layout: Layout, specs: Sequence[Spec], read_range: Callable[[str,
         counted.append(len(data))
         return data
 
-    mine, why = None, ''
+    mine, why, failure = None, '', OK
     try:
         mine = torch.frombuffer(layout.read(counting, lo, hi), dtype=torch.float32) if hi > lo else torch.empty(0)
-    except (CorruptState, FileNotFoundError, OSError) as e:
-        why = f'{type(e).__name__}: {e}'
-    if any_rank(mine is None):
+    except (CorruptState, FileNotFoundError) as e:      # the checkpoint itself is damaged
+        why, failure = f'{type(e).__name__}: {e}', CORRUPT
+    except OSError as e:                                # the store could not be read: not the checkpoint's fault
+        why, failure = f'{type(e).__name__}: {e}', UNREADABLE
+    failure = worst(failure)
+    if failure == UNREADABLE:
+        raise OSError(f'the checkpoint could not be read from the store ({why or "on another rank"}); it is kept: '
+                      f'run again when the store is reachable')
+    if failure == CORRUPT:
         raise CorruptState(why or 'a shard of another rank failed verification')
     ranges = [rank_range(layout.total, r, world) for r in range(world)]
     for i, (key, shape) in enumerate(specs):

@@ -237,20 +237,25 @@ class S3Store:
         return buf.getvalue()
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        """One ranged GET (botocore retries it; a broken body is read again once)."""
+        """A ranged GET; a broken or short body is fetched again (up to max_attempts), then an OSError."""
         import botocore.exceptions
         if end <= start:
             return b''
-        for attempt in range(2):
+        why = ''
+        for _ in range(self.cfg.max_attempts):
             try:
                 body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f'bytes={start}-{end - 1}')
-                return body['Body'].read()
+                data = body['Body'].read()
             except botocore.exceptions.ClientError as e:
                 raise (self._missing(key) if _is_missing(e) else e) from e
-            except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError):
-                if attempt:
-                    raise
-        return b''   # not reached: the second attempt returns or raises
+            except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError) as e:
+                why = f'{type(e).__name__}: {e}'
+                continue
+            if len(data) == end - start:
+                return data
+            why = f'{len(data)} of {end - start} bytes'
+        raise OSError(f'{self.url}/{key}: bytes {start}-{end} could not be read ({why}) after '
+                      f'{self.cfg.max_attempts} attempts')
 
     def open(self, key: str) -> BinaryIO:
         try:

@@ -322,27 +322,29 @@ def read_meta(reader) -> tuple[dict, Layout]:
                and name.startswith('shard-')]
     return meta, Layout(indexes)
 
-def read_checkpoint_tensors(step_dir: pathlib.Path, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(meta, {name: tensor}) of the saved state tensors `<prefix>/<name>` of a checkpoint step directory (e.g. 'ema/'
-    for the EMA's parameters, 'g/' for the generator's master weights and moments), reading only their byte ranges."""
+def open_step_dir(step_dir: pathlib.Path) -> StepReader:
+    """A committed checkpoint step directory (local, e.g. <checkpoints>/step-<nimg>) as a StepReader."""
     step_dir = pathlib.Path(step_dir)
     if not (step_dir / 'manifest.json').is_file():
         raise FileNotFoundError(f'{step_dir} is not a committed checkpoint step directory (no manifest.json): pass '
                                 f'<checkpoints>/step-<nimg>')
-    store = open_store(step_dir.parent)
-    meta, layout = read_meta(StepReader(store, step_dir.name, json.loads((step_dir / 'manifest.json').read_text())))
-    read = lambda file, a, b: store.read_range(f'{step_dir.name}/{file}', a, b)
+    return StepReader(open_store(step_dir.parent), step_dir.name, json.loads((step_dir / 'manifest.json').read_text()))
+
+def saved_tensors(reader: StepReader, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, {name: tensor}) of the saved state tensors `<prefix><name>` of a checkpoint (e.g. 'ema/' for the EMA's
+    parameters, 'g/' for the generator's master weights and moments), reading only their byte ranges."""
+    meta, layout = read_meta(reader)
     tensors = {}
     for key, (start, shape) in layout.tensors.items():
         if key.startswith(prefix):
-            data = layout.read(read, start, start + math.prod(shape) * ITEM)
+            data = layout.read(reader.read_range, start, start + math.prod(shape) * ITEM)
             tensors[key[len(prefix):]] = torch.frombuffer(data, dtype=torch.float32).view(shape)
     return meta, tensors
 
 def load_checkpoint_ema(step_dir: pathlib.Path) -> torch.nn.Module:
     """The generator EMA of a training checkpoint step directory (fp32, eval mode, frozen), rebuilt from the
     architecture stored next to it; only the EMA's byte ranges of the state shards are read."""
-    meta, params = read_checkpoint_tensors(step_dir, 'ema/')
+    meta, params = saved_tensors(open_step_dir(step_dir), 'ema/')
     net = build_network(meta['ema_net']['arch'], **meta['ema_net']['init_kwargs'])
     net.load_state_dict(params | meta['buffers']['ema'])
     return net.float().eval().requires_grad_(False)

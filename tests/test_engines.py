@@ -123,12 +123,12 @@ def test_edm2_weight_normalisation_reaches_zero_master_weights(root, edm2_teache
     partition); otherwise the next step restores unnormalised weights. With large Adam steps (lr 0.2, every element
     moves ~0.2) an unnormalised master would have row RMS ~1.04 per step; both the module (generator.pt, EMA = G here)
     and the master weights reassembled from the ZeRO checkpoint must have unit-RMS rows."""
-    from cosim_dist.trainer import read_checkpoint_tensors
+    from cosim_dist.trainer import open_step_dir, saved_tensors
     name = f'edm2-zero{stage}'
     launch(root, name, f'model.teacher={edm2_teacher}', *EDM2_ARGS, f'engine.zero_stage={stage}', 'train.batch_gpu=8',
            nproc=2)
     [ckpt] = (root / name / 'checkpoints').glob('step-*')
-    saved = read_checkpoint_tensors(ckpt, 'g/')[1]
+    saved = saved_tensors(open_step_dir(ckpt), 'g/')[1]
     master = {k[:-len('/param')]: v for k, v in saved.items() if k.endswith('/param')}
     for state in (generator(root, name), master):
         weights = mpconv_weights(state)

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from cosim_dist import cosim
+from cosim_dist.checkpoint import StepReader
 from cosim_dist.config import Config, ConfigError, KernelConfig, LossConfig, TrainConfig
 from cosim_dist.engines import TorchEngine
 from cosim_dist.logging import RunLogger
 from cosim_dist.nets import build_network
 from cosim_dist.nets.aux import make_auxiliary
 from cosim_dist.resume import resume_fingerprint
+from cosim_dist.storage import LocalStore, sha256_file
 from cosim_dist.trainer import Trainer
 
 RES, CH, LABELS, BATCH = 8, 3, 2, 4
@@ -47,7 +49,15 @@ class RecordingCheckpointer:
         self.root, self.resume, self.calls, self.commits = root, resume, [], {}
 
     def latest(self):
-        return self.resume
+        """The `resume` directory as a committed step (a manifest of its files, as CheckpointManager writes one)."""
+        if self.resume is None:
+            return None
+        files = [{'key': f'{self.resume.name}/{f.relative_to(self.resume).as_posix()}', 'size': f.stat().st_size,
+                  'sha256': sha256_file(f)} for f in sorted(self.resume.rglob('*')) if f.is_file()]
+        return StepReader(LocalStore(self.resume.parent), self.resume.name, {'nimg': 0, 'files': files})
+
+    def retire(self, nimg, why):
+        raise AssertionError(f'a recorded checkpoint was unusable: {why}')
 
     def stage(self, nimg):
         assert nimg not in self.commits, f'step {nimg} staged again after its commit'
@@ -59,7 +69,7 @@ class RecordingCheckpointer:
     def commit(self, nimg):
         self.calls.append(('commit', nimg))
         staged = self.root / 'stage' / str(nimg)
-        assert (staged / 'g' / 'engine.pt').is_file() and (staged / 'aux' / 'engine.pt').is_file()
+        assert (staged / 'meta.pt').is_file() and (staged / 'shard-00000-of-00001.bin').is_file()
         self.commits[nimg] = self.root / 'commits' / str(nimg)
         shutil.move(staged, self.commits[nimg])
 
@@ -111,8 +121,8 @@ def test_train_runs_to_kimg_with_periodic_and_final_checkpoints(tmp_path):
     assert ckpt.calls == [(op, n) for n in (8, 16, 24) for op in ('stage', 'commit')] + [('close',)]
     logged = [json.loads(line) for line in (tmp_path / 'run' / 'train.jsonl').read_text().splitlines()]
     assert [r['nimg'] for r in logged] == [8, 16, 24] and all(r['nan_dropped'] == 0 for r in logged)
-    client = torch.load(ckpt.commits[24] / 'g' / 'engine.pt', weights_only=True)['client_state']
-    assert client['state'] == {'nimg': 24, 'nan_dropped': 0} and client['data'] == {'count': 24}
+    meta = torch.load(ckpt.commits[24] / 'meta.pt', weights_only=True)
+    assert meta['state'] == {'nimg': 24, 'nan_dropped': 0} and meta['data'] == {'count': 24}
     fresh = make_trainer(tmp_path, 'load', init_seed=2, batch_gpu=BATCH // 2,
                          checkpointer=RecordingCheckpointer(tmp_path / 'load', resume=ckpt.commits[24]))
     assert fresh.load_checkpoint() and fresh.state == state and fresh.data.count == 24

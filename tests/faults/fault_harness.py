@@ -22,6 +22,7 @@ import torch
 
 from cosim_dist.checkpoint import STEP, CheckpointManager, step_prefix
 from cosim_dist.storage import ObjectStore, StorageConfig, open_store
+from cosim_dist.trainer import saved_tensors
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOTAL = 320                                 # images of a full run: 20 steps of 16, a checkpoint every 2 steps
@@ -125,11 +126,11 @@ def keys_of(store: ObjectStore, nimg: int) -> list[str]:
 
 def final_state(run_dir: pathlib.Path, url: str | None = None, storage: StorageConfig | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        path = CheckpointManager(url or str(run_dir / 'checkpoints'), pathlib.Path(tmp), storage=storage).latest()
-        assert path is not None and step_of(path.name) == TOTAL, path
-        load = lambda p: torch.load(p, map_location='cpu', weights_only=True)
-        return {'generator.pt': load(run_dir / 'generator.pt'), 'g': load(path / 'g' / 'engine.pt'),
-                'aux': load(path / 'aux' / 'engine.pt')}
+        reader = CheckpointManager(url or str(run_dir / 'checkpoints'), pathlib.Path(tmp), storage=storage).latest()
+        assert reader is not None and reader.nimg == TOTAL, reader and reader.prefix
+        meta, tensors = saved_tensors(reader, '')
+        return {'generator.pt': torch.load(run_dir / 'generator.pt', map_location='cpu', weights_only=True),
+                'state': tensors, 'meta': meta}
 
 def differences(a: Any, b: Any, where: str = '') -> list[str]:
     """Where two nested states differ (tensors bit for bit, everything else by ==)."""

@@ -37,7 +37,8 @@ def trained(trainer) -> dict:
 
 def damage(store, nimg: int, kind: str, rng: random.Random) -> None:
     prefix = step_prefix(nimg)
-    key = f'{prefix}/manifest.json' if kind == 'broken manifest' else f'{prefix}/{rng.choice(("g", "aux"))}/engine.pt'
+    state = [k for k in store.list(prefix) if k.endswith(('.bin', '.json', 'meta.pt')) and 'manifest' not in k]
+    key = f'{prefix}/manifest.json' if kind == 'broken manifest' else rng.choice(state)   # a shard, index or meta.pt
     data = bytearray(store.read(key))
     if kind == 'deleted file':
         store.delete(key)
