@@ -4,7 +4,10 @@ manager, the logger and the Trainer that receives them all (Eq. L1). Dispatch li
 
 import dataclasses
 import datetime
+import getpass
+import hashlib
 import pathlib
+import tempfile
 
 import torch
 from omegaconf import OmegaConf
@@ -149,10 +152,15 @@ def make_engine(cfg: Config, net: torch.nn.Module, lr: float, env: DistEnv):
     return DeepSpeedEngine(net, lr, (t.beta1, t.beta2), t.eps, micro_batch=batch_gpu, accum=rounds,
                            world_size=env.world_size, zero_stage=e.zero_stage, constraint=weight_constraint(net))
 
+def default_staging(cfg: Config) -> pathlib.Path:
+    """A node-local directory for staging saves ($TMPDIR, else /tmp), one per user and run directory."""
+    key = hashlib.sha256(str(cfg.run_dir.absolute()).encode()).hexdigest()[:8]
+    return pathlib.Path(tempfile.gettempdir()) / f'cosim-dist-{getpass.getuser()}' / f'{cfg.run_dir.name}-{key}'
+
 def make_checkpointer(cfg: Config, env: DistEnv) -> CheckpointManager:
     c = cfg.checkpoint
     return CheckpointManager(c.url or str(cfg.run_dir / 'checkpoints'),
-                             pathlib.Path(c.staging or cfg.run_dir / 'staging'),
+                             pathlib.Path(c.staging or default_staging(cfg)),
                              rank=env.rank, keep=c.keep, async_upload=c.async_upload,
                              storage=StorageConfig(endpoint_url=c.endpoint_url))
 

@@ -108,7 +108,9 @@ class TrainConfig:
 class CheckpointConfig:
     # file path, file:// or s3:// prefix for checkpoints (default: <run dir>/checkpoints)
     url: str | None = None
-    staging: str | None = None       # rank-local staging directory (default: <run dir>/staging)
+    # rank-local staging directory of a save (default: node-local $TMPDIR/cosim-dist-<user>/<run name>-<hash>, not the
+    # run directory, which may be a shared filesystem); emptied after each upload
+    staging: str | None = None
     keep: int = 2                    # committed checkpoints to retain
     async_upload: bool = True        # upload in a background thread while training continues
     endpoint_url: str | None = None  # S3 endpoint (default: $AWS_ENDPOINT_URL or AWS)

@@ -174,7 +174,16 @@ def test_a_two_rank_checkpoint_resumes_on_other_world_sizes(root, toy_teacher, s
         resumed = probe_state(root, name, *args, 'train.kimg=0.096', nproc=m)
         assert_same_state(written, resumed)
         assert all(b <= 1.2 * shard_bytes / m for b in resumed['bytes_read']), (resumed['bytes_read'], shard_bytes)
-    if stage == 3:
-        out = launch(root, name, *args, 'train.kimg=0.192', nproc=3)
+    if stage == 3:     # trains on with 4 ranks, then 1: the state is stored once, whatever the number of writers
+        from cosim_dist.build import default_staging
+        from cosim_dist.checkpoint import CheckpointManager
+        from cosim_dist.config import load_config
+        out = launch(root, name, *args, 'train.kimg=0.192', nproc=4)
         assert 'resumed at 0.1 kimg' in out.stderr and 'written by 2 ranks' in out.stderr
-        assert [r[0] for r in losses(root, name)][-1] == 192
+        out = launch(root, name, *args, 'train.kimg=0.240')
+        assert 'written by 4 ranks' in out.stderr and [r[0] for r in losses(root, name)][-1] == 240
+        ck = CheckpointManager(args[-1].split('=', 1)[1], root / 'unused')
+        size = {n: sum(e['size'] for e in ck.open_step(n).files.values()) for n in (192, 240)}
+        assert size[192] <= 1.1 * size[240], size                       # 4 writers vs 1 (indexes and meta.pt aside)
+        staging = default_staging(load_config([f'run.root={root}', f'run.name={name}']))
+        assert not [p for p in staging.rglob('*') if p.is_file()]        # nothing staged is left behind

@@ -88,7 +88,7 @@ def start(root: pathlib.Path, name: str, *extra: str, env: dict[str, str] | None
     offset = jsonl.stat().st_size if jsonl.exists() else 0
     with open(log, 'wb') as out:
         proc = subprocess.Popen([sys.executable, str(REPO / 'launch.py'), f'run.root={root}', f'run.name={name}',
-                                 *ARGS, *extra],
+                                 f'checkpoint.staging={root / name / "staging"}', *ARGS, *extra],   # phases watch it
                                 stdout=out, stderr=subprocess.STDOUT, cwd=root,
                                 env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
     return Run(root, name, proc, log, offset)
@@ -154,7 +154,7 @@ def in_staging(store: ObjectStore) -> Phase:
     """The engines are writing a checkpoint into the rank-local staging directory; nothing of it is uploaded."""
     def test(run: Run) -> bool:
         for nimg in staged_steps(run):
-            if (any((run.dir / 'staging' / 'stage-rank0' / step_prefix(nimg)).rglob('*.pt'))
+            if (any((run.dir / 'staging' / 'stage-rank0' / step_prefix(nimg)).rglob('shard-*'))
                 and not keys_of(store, nimg)):
                 return True
         return False
