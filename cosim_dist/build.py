@@ -7,6 +7,7 @@ import datetime
 import getpass
 import hashlib
 import pathlib
+import socket
 import tempfile
 
 import torch
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from . import cosim
 from .checkpoint import CheckpointManager
 from .config import Config, ConfigError, batch_layout, config_hash, save_config
-from .distributed import DistEnv
+from .distributed import DistEnv, check_store_reachable, gather_object
 from .engines import DeepSpeedEngine, TorchEngine, compile_network, place_teacher, prepare_network
 from .latents import latent_scale_bias
 from .logging import RunLogger, log
@@ -158,7 +159,9 @@ def default_staging(cfg: Config) -> pathlib.Path:
     return pathlib.Path(tempfile.gettempdir()) / f'cosim-dist-{getpass.getuser()}' / f'{cfg.run_dir.name}-{key}'
 
 def make_checkpointer(cfg: Config, env: DistEnv) -> CheckpointManager:
+    """Collective: the checkpoint store, refused if it is local and the ranks run on several hosts."""
     c = cfg.checkpoint
+    check_store_reachable(c.url or str(cfg.run_dir), gather_object(socket.gethostname()))
     return CheckpointManager(c.url or str(cfg.run_dir / 'checkpoints'),
                              pathlib.Path(c.staging or default_staging(cfg)),
                              rank=env.rank, keep=c.keep, async_upload=c.async_upload,

@@ -18,9 +18,7 @@ import shutil
 import threading
 import uuid
 
-import torch
-
-from .distributed import any_rank, barrier
+from .distributed import any_rank, barrier, gather_object
 from .elastic import CorruptState
 from .logging import log
 from .storage import ObjectStore, StorageConfig, open_store, sha256_file
@@ -29,13 +27,6 @@ STEP = re.compile(r'step-(\d{12})')
 
 def step_prefix(nimg: int) -> str:
     return f'step-{nimg:012d}'
-
-def _gather(obj) -> list:
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 class CheckpointManager:
     """The trainer's Checkpointer (latest / stage / commit) over an object store."""
@@ -99,7 +90,7 @@ class CheckpointManager:
         nimg, thread, result = self._pending
         self._pending = None
         thread.join()
-        reports = _gather(result)
+        reports = gather_object(result)
         errors = [f'rank {r}: {rep["error"]}' for r, rep in enumerate(reports) if 'error' in rep]
         if errors:
             raise RuntimeError(f'checkpoint {self.store.url}/{step_prefix(nimg)} was not committed: '
@@ -149,7 +140,7 @@ class CheckpointManager:
     def latest(self) -> 'StepReader | None':
         """Collective. The newest commit (not retired) whose manifest reads on every rank, or None. Its files are
         verified as they are read; a load that finds them unusable calls `retire` and asks again."""
-        steps = _gather(self.committed() if self.rank == 0 else None)[0]
+        steps = gather_object(self.committed() if self.rank == 0 else None)[0]
         for nimg in reversed(steps):
             if nimg in self.retired:
                 continue

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from .config import ConfigError
+from .storage import parse_url
 
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 SLURM_VARS = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID', 'SLURM_JOB_NODELIST', 'SLURM_JOB_ID')
@@ -114,11 +115,31 @@ def rank_mean(values: dict[str, float]) -> dict[str, float]:
     torch.distributed.all_reduce(t)
     return dict(zip(values, (t / torch.distributed.get_world_size()).tolist()))
 
+def rank_max(value: int) -> int:
+    """The largest of an integer over all ranks, on every rank."""
+    if not torch.distributed.is_initialized():
+        return value
+    device = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (the step-boundary agreement for preemption)."""
+    return bool(rank_max(int(flag)))
+
+def gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
     if not torch.distributed.is_initialized():
-        return flag
-    device = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
-    t = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+def check_store_reachable(url: str, hosts: list[str]) -> None:
+    """Checkpoints must be readable by every rank without a shared filesystem: a local store (path, file://) is
+    refused when the ranks run on more than one host (`hosts`: each rank's host name)."""
+    if parse_url(url)[0] != 's3' and len(set(hosts)) > 1:
+        raise ConfigError(f'checkpoint.url={url} is a local path, but the ranks run on {len(set(hosts))} hosts '
+                          f'({", ".join(sorted(set(hosts))[:4])}): no filesystem is assumed shared between nodes; '
+                          f'set checkpoint.url=s3://<bucket>/<prefix>')

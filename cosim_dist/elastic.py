@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .distributed import rank_max
+
 ITEM = 4                                  # bytes per element: the state is float32
 BLOCK_MIN, BLOCK_MAX = 4 << 10, 8 << 20   # verification block size bounds (each file has ~256 blocks in between)
 
@@ -109,14 +111,6 @@ class Layout:
 
 OK, CORRUPT, UNREADABLE = 0, 1, 2          # outcome of a rank's reads, agreed as the worst over ranks
 
-def worst(outcome: int) -> int:
-    """Collective: the largest outcome code over all ranks."""
-    if not torch.distributed.is_initialized():
-        return outcome
-    t = torch.tensor([outcome])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t)
-
 def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
     """The byte range of the global order that `rank` of `world` reads on a resume (element-aligned)."""
     n = total // ITEM
@@ -146,7 +140,7 @@ def load_state(layout: Layout, specs: Sequence[Spec], read_range: Callable[[str,
         why, failure = f'{type(e).__name__}: {e}', CORRUPT
     except OSError as e:                                # the store could not be read: not the checkpoint's fault
         why, failure = f'{type(e).__name__}: {e}', UNREADABLE
-    failure = worst(failure)
+    failure = rank_max(failure)
     if failure == UNREADABLE:
         raise OSError(f'the checkpoint could not be read from the store ({why or "on another rank"}); it is kept: '
                       f'run again when the store is reachable')

@@ -2,7 +2,8 @@
 
 import pytest
 
-from cosim_dist.distributed import DistEnv, DistributedEnvError, discover, first_host
+from cosim_dist.config import ConfigError
+from cosim_dist.distributed import DistEnv, DistributedEnvError, check_store_reachable, discover, first_host
 
 TORCHRUN = dict(RANK='1', WORLD_SIZE='4', LOCAL_RANK='1', MASTER_ADDR='node1', MASTER_PORT='29511')
 SLURM = dict(SLURM_PROCID='5', SLURM_NTASKS='8', SLURM_LOCALID='1', SLURM_JOB_NODELIST='gpu[007-009,012]',
@@ -35,3 +36,10 @@ def test_partial_environment_is_an_error(env, missing):
                                             ('x-y[10]', 'x-y10')])
 def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
+
+def test_a_local_checkpoint_store_is_refused_across_hosts(tmp_path):
+    check_store_reachable(str(tmp_path), ['node1', 'node1'])                     # one host: a local store is fine
+    check_store_reachable('s3://bucket/run', ['node1', 'node2'])                   # S3 reaches every host
+    with pytest.raises(ConfigError, match=r'checkpoint.url=\S+ is a local path, but the ranks run on 2 hosts '
+                                          r'\(node1, node2\).*set checkpoint.url=s3://'):
+        check_store_reachable(f'file://{tmp_path}', ['node1', 'node2', 'node1'])
