@@ -87,17 +87,49 @@ def test_mid_epoch_resume_is_exact(latents, rank, world_size, workers):
     first = ShardStream(latents, **kw)
     _take(first, 7) # odd: the resumed stream starts at a worker other than 0
     state = first.state_dict()
-    assert state['version'] == 1 and state['consumed'] == 7 * 4 * world_size
+    assert state['version'] == 2 and state['consumed'] == 7 * 4 * world_size
     resumed = ShardStream(latents, **kw)
     resumed.load_state_dict(state)
     _assert_same(_take(resumed, 23), reference[7:])
 
-def test_state_is_refused_after_layout_changes(latents):
-    state = ShardStream(latents, batch_size=4, world_size=2, num_workers=1).state_dict()
-    with pytest.raises(ValueError, match="saved with .*'world_size': 2.* this stream has .*'world_size': 1"):
-        ShardStream(latents, batch_size=4, num_workers=1).load_state_dict(state)
+def _global(ranks: list[ShardStream], batches: int) -> list:
+    """`batches` global batches: every rank's next batch in turn."""
+    return [r.next_batch() for _ in range(batches) for r in ranks]
+
+def _layout(url: str, world: int, workers: int, state: dict | None = None) -> list[ShardStream]:
+    ranks = [ShardStream(url, batch_size=12 // world, rank=r, world_size=world, num_workers=workers, seed=3)
+             for r in range(world)]
+    for r in ranks if state else ():
+        r.load_state_dict(state)
+    return ranks
+
+@pytest.mark.parametrize('before, after', [((2, 1), (3, 2)), ((1, 0), (2, 1)), ((3, 2), (1, 0))])
+def test_another_layout_continues_every_epoch_without_repeats_or_gaps(latents, before, after):
+    """A requeue on another number of ranks / workers (global batch 12 throughout): the samples read before and after
+    the change hold each sample of the epoch that was under way exactly once, nothing is read twice, and the new
+    layout's own state resumes exactly."""
+    epochs = _multiset(_take(ShardStream(latents, batch_size=12, seed=3), 2 * N // 12))   # epochs 0 and 1
+    epoch0 = _multiset(_take(ShardStream(latents, batch_size=12, seed=3), N // 12))
+    old = _layout(latents, *before)
+    read = _global(old, 3)                                            # 36 samples of epoch 0
+    state = old[0].state_dict()
+    assert state['version'] == 2 and state['consumed'] == 36
+    new = _layout(latents, *after, state)
+    read += _global(new, 8)                                           # 96 more: epoch 0's rest, then epoch 1
+    seen = _multiset(read)
+    assert max(seen.values()) == 1 and all(seen[k] == 1 for k in epoch0), 'a sample repeated or one of epoch 0 missed'
+    assert not seen - epochs                                          # nothing from beyond epoch 1
+    mid = new[0].state_dict()
+    assert [s['world_size'] for s in mid['segments']] == [before[0], after[0]] and mid['consumed'] == 132
+    continued = _global(new, 2)
+    _assert_same(_global(_layout(latents, *after, mid), 2), continued)
+
+def test_other_seeds_and_versions_are_refused(latents):
+    state = ShardStream(latents, batch_size=4, seed=1).state_dict()
+    with pytest.raises(ValueError, match='saved with seed 1, this stream has 0'):
+        ShardStream(latents, batch_size=4).load_state_dict(state)
     with pytest.raises(ValueError, match='version'):
-        ShardStream(latents, batch_size=4).load_state_dict({'version': 2, 'consumed': 0})
+        ShardStream(latents, batch_size=4).load_state_dict({'version': 3, 'consumed': 0})
 
 def test_too_few_shards_is_a_clear_error(latents):
     with pytest.raises(ValueError, match='8 shards, fewer than the 12 readers of world_size=3 x num_workers=4'):
