@@ -24,7 +24,7 @@ from .nets import TRAINING_KWARGS, build_network, weight_constraint
 from .nets.aux import make_auxiliary
 from .pretrain import pretrain_teacher
 from .resume import resume_fingerprint
-from .storage import StorageConfig, missing_local
+from .storage import missing_local
 from .teacher_io import arch_name, load_network, load_snapshot, save_snapshot
 from .toy import GMMStream, GMMWorld
 from .trainer import Trainer
@@ -165,7 +165,7 @@ def make_checkpointer(cfg: Config, env: DistEnv) -> CheckpointManager:
     return CheckpointManager(c.url or str(cfg.run_dir / 'checkpoints'),
                              pathlib.Path(c.staging or default_staging(cfg)),
                              rank=env.rank, keep=c.keep, async_upload=c.async_upload,
-                             storage=StorageConfig(endpoint_url=c.endpoint_url))
+                             storage=cfg.storage)
 
 def student_kwargs(cfg: Config, teacher: torch.nn.Module) -> dict:
     """The teacher's constructor arguments with the config's training-only ones (dropout, Table 5) overlaid.

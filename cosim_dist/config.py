@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .config_checks import ARCHS, TASKS, ConfigError, batch_layout, lookup, parse_seeds, readiness, validate  # noqa: F401 (re-exported)
+from .storage import StorageConfig
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'   # package data: shipped in the wheel
 DEFAULT_GROUPS = {'model': 'toy', 'data': 'gmm'}
@@ -113,7 +114,6 @@ class CheckpointConfig:
     staging: str | None = None
     keep: int = 2                    # committed checkpoints to retain
     async_upload: bool = True        # upload in a background thread while training continues
-    endpoint_url: str | None = None  # S3 endpoint (default: $AWS_ENDPOINT_URL or AWS)
 
 @dataclasses.dataclass
 class EngineConfig:
@@ -206,6 +206,8 @@ class Config:
     kernel: KernelConfig = dataclasses.field(default_factory=KernelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    # S3 settings of every s3:// URL (data.path, model.teacher, checkpoint.url, eval files): storage.StorageConfig
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)

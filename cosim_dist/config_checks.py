@@ -101,7 +101,7 @@ def validate(cfg: Any) -> None:
                 f'(engine.zero_stage=3 or teacher.offload=cpu): use engine.compile=none or ZeRO stage <= 2')
     if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
         problem('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: set engine.backend=deepspeed')
-    problems += generate_problems(cfg.generate, cfg.model.label_dim)
+    problems += generate_problems(cfg.generate, cfg.model.label_dim) + cfg.storage.problems()
     if cfg.data.kind == 'shards' and not cfg.data.path and cfg.task not in ('bench', 'eval', 'generate'):  # no data
         problem('data.kind=shards needs data.path=<shard directory or s3:// prefix>')
     if problems:

@@ -6,10 +6,11 @@ A store is rooted at a URL and addressed by '/'-separated keys relative to that 
 key raises FileNotFoundError on both backends. Local keys whose last component starts with '.' are reserved for
 temporaries and never listed.
 
-S3 credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, instance roles).
-The endpoint is `StorageConfig.endpoint_url`, else the first of the environment variables AWS_ENDPOINT_URL_S3,
-AWS_ENDPOINT_URL, S3_ENDPOINT_URL, else AWS itself. S3 clients are created lazily per process, so stores can be
-pickled into DataLoader workers and forked processes.
+S3 credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, `StorageConfig.profile` or
+the default profile, instance roles). The endpoint is `StorageConfig.endpoint_url`, else the first of the environment
+variables AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, S3_ENDPOINT_URL, else AWS itself. One StorageConfig per process
+(`configure`, from the `storage.*` config section) serves every consumer that is not handed its own. S3 clients are
+created lazily per process, so stores can be pickled into DataLoader workers and forked processes.
 """
 
 import dataclasses
@@ -29,24 +30,25 @@ ENDPOINT_ENV = ('AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'S3_ENDPOINT_URL')
 
 @dataclasses.dataclass(kw_only=True)
 class StorageConfig:
-    # S3 endpoint, e.g. http://127.0.0.1:8333; None: the first of ENDPOINT_ENV set, else AWS
+    # S3 endpoint, e.g. http://127.0.0.1:8333; null: the first of $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL,
+    # $S3_ENDPOINT_URL, else AWS
     endpoint_url: str | None = None
-    # S3 region; None: boto3's default chain ($AWS_REGION, profile), 'us-east-1' if unset
+    # S3 region; null: boto3's default chain ($AWS_REGION, profile), 'us-east-1' if unset
     region: str | None = None
+    profile: str | None = None      # AWS profile for the credentials (null: boto3's chain: env, default profile, role)
     # attempts per S3 request, with boto3's adaptive retry mode (backoff + client-side rate limiting)
     max_attempts: int = 10
     multipart_mb: int = 64          # objects larger than this are transferred in parts of this size (S3 minimum: 5)
     max_concurrency: int = 8        # threads per multipart transfer
-    # where fetch_to_local keeps S3 downloads; None: $COSIM_CACHE, else ~/.cache/cosim_dist
+    # where fetch_to_local keeps S3 downloads; null: $COSIM_CACHE, else ~/.cache/cosim_dist
     cache_dir: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f'storage.max_attempts={self.max_attempts} must be >= 1')
-        if self.multipart_mb < 5:
-            raise ValueError(f'storage.multipart_mb={self.multipart_mb} must be >= 5 (the S3 minimum part size)')
-        if self.max_concurrency < 1:
-            raise ValueError(f'storage.max_concurrency={self.max_concurrency} must be >= 1')
+    def problems(self, key: str = 'storage') -> list[str]:
+        """Bad values, one line each, named `<key>.<field>`."""
+        return ([f'{key}.max_attempts={self.max_attempts} must be >= 1'] if self.max_attempts < 1 else []) + \
+            ([f'{key}.multipart_mb={self.multipart_mb} must be >= 5 (the S3 minimum part size)']
+             if self.multipart_mb < 5 else []) + \
+            ([f'{key}.max_concurrency={self.max_concurrency} must be >= 1'] if self.max_concurrency < 1 else [])
 
     def resolved_endpoint(self) -> str | None:
         """The S3 endpoint URL in effect (None: AWS)."""
@@ -86,10 +88,25 @@ def missing_local(url: str | os.PathLike) -> bool:
     scheme, rest = parse_url(url)
     return scheme == 'file' and not pathlib.Path(rest).expanduser().exists()
 
+_default = StorageConfig()          # the process's S3 settings (`configure`), used wherever none is passed
+
+def configure(cfg: StorageConfig) -> None:
+    """Set the S3 settings of this process once (the `storage.*` config section): every `s3://` consumer (data,
+    teacher, checkpoints, evaluation files) that is given no StorageConfig of its own uses them."""
+    global _default
+    _default = checked(cfg)
+
+def checked(cfg: StorageConfig | None) -> StorageConfig:
+    """`cfg` (default: the configured one), or a ValueError listing its bad values."""
+    cfg = cfg or _default
+    if problems := cfg.problems():
+        raise ValueError('; '.join(problems))
+    return cfg
+
 def open_store(url: str | os.PathLike, cfg: StorageConfig | None = None) -> ObjectStore:
     """The store rooted at `url`: a local path, `file:///abs/path` or `s3://bucket[/prefix]`."""
     scheme, rest = parse_url(url)
-    return S3Store(os.fspath(url), cfg or StorageConfig()) if scheme == 's3' else LocalStore(rest)
+    return S3Store(os.fspath(url), checked(cfg)) if scheme == 's3' else LocalStore(rest)
 
 def write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
     """Create `path` by writing a hidden temporary next to it and renaming it into place."""
@@ -183,8 +200,9 @@ class S3Store:
             import boto3
             from botocore.config import Config
             retries = {'mode': 'adaptive', 'max_attempts': self.cfg.max_attempts}
-            self._client = boto3.session.Session().client('s3', endpoint_url=self.cfg.resolved_endpoint(),
-                region_name=self.cfg.region, config=Config(retries=retries))
+            session = boto3.session.Session(profile_name=self.cfg.profile)
+            self._client = session.client('s3', endpoint_url=self.cfg.resolved_endpoint(), region_name=self.cfg.region,
+                                          config=Config(retries=retries))
             self._pid = os.getpid()
         return self._client
 
@@ -300,7 +318,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 def fetch_to_local(url: str | os.PathLike, cfg: StorageConfig | None = None) -> pathlib.Path:
     """A local path holding the file at `url`. Local paths are returned as they are; `s3://` objects are downloaded
     once into the cache (`cfg.cache_dir`) and downloaded again only when the remote ETag or size changes."""
-    (scheme, rest), cfg = parse_url(url), cfg or StorageConfig()
+    (scheme, rest), cfg = parse_url(url), checked(cfg)
     if scheme == 'file':
         path = pathlib.Path(rest).expanduser()
         if not path.is_file():

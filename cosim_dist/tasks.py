@@ -3,7 +3,7 @@ default pipeline (teacher -> distil -> evaluate). Dispatch only: the components 
 
 import time
 
-from . import distributed
+from . import distributed, storage
 from .bench import run_bench
 from .build import distil, get_teacher, make_logger, noise_range, prepare_run_dir, record_invocation
 from .config import Config, ConfigError, batch_layout
@@ -20,6 +20,7 @@ from .teacher_io import load_snapshot
 def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> list[dict] | None:
     """Execute cfg.task on this rank (all ranks call it); returns the evaluation rows on rank 0."""
     env = env or distributed.discover()
+    storage.configure(cfg.storage)                         # one S3 configuration for every s3:// URL of the run
     try:
         device = distributed.init(env, cfg.run.device, always_group=cfg.engine.backend == 'deepspeed')
     except ValueError as e:

@@ -46,8 +46,8 @@ def test_url_parsing(tmp_path):
         open_store('gs://bucket/x')
     with pytest.raises(ValueError, match='needs a bucket'):
         open_store('s3:///x')
-    with pytest.raises(ValueError, match='multipart_mb'):
-        StorageConfig(multipart_mb=1)
+    with pytest.raises(ValueError, match='storage.multipart_mb=1 must be >= 5'):
+        open_store('s3://bucket/prefix', StorageConfig(multipart_mb=1))
 
 def test_endpoint_resolution(monkeypatch):
     for key in ('AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'S3_ENDPOINT_URL'):
@@ -113,3 +113,30 @@ def test_urls_are_parsed_in_one_place(tmp_path):
     (tmp_path / 'here').write_text('')
     assert not missing_local(tmp_path / 'here') and missing_local(f'file://{tmp_path}/gone')
     assert not missing_local('s3://bucket/unchecked')      # objects are checked when they are read
+
+@pytest.mark.s3
+def test_one_storage_section_serves_every_s3_consumer(s3_endpoint, monkeypatch, tmp_path):
+    """`storage.*` set once (no endpoint in the environment): the shard stream, fetch_to_local (teacher, eval files)
+    and the checkpoint manager all reach the endpoint without a StorageConfig of their own."""
+    from cosim_dist import storage
+    from cosim_dist.checkpoint import CheckpointManager
+    from cosim_dist.config import load_config
+    from cosim_dist.data import ShardStream
+    from cosim_dist.tools.make_shards import main as make_shards
+    for key in storage.ENDPOINT_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv('AWS_ACCESS_KEY_ID', s3_endpoint.access_key)
+    monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', s3_endpoint.secret_key)
+    monkeypatch.setattr(storage, '_default', storage.StorageConfig())          # restored after the test
+    prefix = f's3://{s3_endpoint.bucket}/{uuid.uuid4().hex}'
+    cfg = load_config([f'storage.endpoint_url={s3_endpoint.endpoint_url}', 'storage.region=us-east-1',
+                       f'storage.cache_dir={tmp_path / "cache"}'])
+    storage.configure(cfg.storage)
+    make_shards(['--gmm', '24', '--out', f'{prefix}/shards', '--endpoint-url', s3_endpoint.endpoint_url])
+    assert ShardStream(f'{prefix}/shards', batch_size=4).next_batch()[0].shape[0] == 4
+    open_store(prefix).put_bytes(b'weights', 'nets/teacher.pkl')
+    assert fetch_to_local(f'{prefix}/nets/teacher.pkl').read_bytes() == b'weights'
+    ck = CheckpointManager(f'{prefix}/ckpt', tmp_path / 'staging', async_upload=False)
+    (ck.stage(1) / 'x.bin').write_bytes(b'state')
+    ck.commit(1)
+    assert CheckpointManager(f'{prefix}/ckpt', tmp_path / 'other').latest().read('x.bin') == b'state'

@@ -35,7 +35,7 @@ def test_training_through_a_faulty_store(s3_env, fault_root, reference, record):
             store = open_store(url, direct)
             hits, final = h.chain(fault_root, f's3-{trial}', 1, signal.SIGKILL,
                                   lambda done: ('upload', h.in_upload(store), rng.randrange(3)),
-                                  extra=lambda: [f'checkpoint.endpoint_url={proxy.url}',
+                                  extra=lambda: [f'storage.endpoint_url={proxy.url}',
                                                  f'checkpoint.async_upload={rng.random() < 0.5}'],
                                   url=url, storage=direct)
             rc = final.wait()
