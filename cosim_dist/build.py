@@ -24,7 +24,7 @@ from .nets import TRAINING_KWARGS, build_network, weight_constraint
 from .nets.aux import make_auxiliary
 from .pretrain import pretrain_teacher
 from .resume import resume_fingerprint
-from .storage import missing_local
+from .storage import ObjectStore, missing_local, open_store, parse_url
 from .teacher_io import arch_name, load_network, load_snapshot, save_snapshot
 from .toy import GMMStream, GMMWorld
 from .trainer import Trainer
@@ -58,6 +58,19 @@ def record_invocation(cfg: Config) -> pathlib.Path:
     path.write_text(OmegaConf.to_yaml({'time': now.isoformat(), 'overrides': list(cfg.run.overrides),
                                        'config': OmegaConf.structured(cfg)}))
     return path
+
+def shared_store(cfg: Config) -> ObjectStore | None:
+    """The object store every node reaches (`checkpoint.url` when it is s3://), or None for a local store."""
+    url = cfg.checkpoint.url
+    return open_store(url) if url and parse_url(url)[0] == 's3' else None
+
+def publish(cfg: Config, *paths: pathlib.Path) -> None:
+    """Rank 0: copies of run-directory outputs (generator.pt, snapshots, metrics, eval.json, grids) under
+    `<checkpoint.url>/outputs/<path in the run dir>` when that store is s3://, so that no node's disk is the only
+    home of a result."""
+    if (store := shared_store(cfg)) is not None:
+        for path in paths:
+            store.put_file(path, f'outputs/{path.relative_to(cfg.run_dir).as_posix()}')
 
 def make_world(cfg: Config) -> GMMWorld:
     if cfg.data.kind != 'gmm':
@@ -220,4 +233,5 @@ def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: Dis
     if env.rank == 0 and state.nimg >= cfg.train.kimg * 1000:
         grids = {K: cosim.default_grid(K, noise_range(cfg), cfg.eval.grid_scale) for K in cfg.eval.steps}
         save_snapshot(cfg.run_dir / 'generator.pt', trainer.ema, extra={'grids': grids})
+        publish(cfg, cfg.run_dir / 'generator.pt')
     return trainer.ema

@@ -4,7 +4,8 @@ per-seed generation, VAE decoding, FID / FD-DINOv2 against reference statistics 
 - Image i always uses seed i (samplers.seeded_inputs). The seeds are cut into chunks of `eval.chunk`; chunk j belongs
   to rank j % world_size and is generated in batches from its own start, so the images do not depend on the world size.
 - Every rank accumulates float64 sums of f and f f^T per metric (MomentAccumulator) and commits them atomically
-  after each chunk (`eval_state/<sampler>-<fingerprint>/rank-R-of-W.pt`, with the chunks done). A preempted
+  after each chunk (`eval_state/<sampler>-<fingerprint>/rank-R-of-W.pt`, with the chunks done, in checkpoint.url
+  when it is s3://, else in the run directory). A preempted
   evaluation (should_stop, agreed across ranks at chunk boundaries) reloads them and continues where it stopped,
   giving exactly the sums of an uninterrupted run. A finished sampler's all-reduced sums are kept in `stats.pt` and
   reused (its distance to any reference is recomputed from them).
@@ -14,6 +15,7 @@ per-seed generation, VAE decoding, FID / FD-DINOv2 against reference statistics 
 
 import dataclasses
 import hashlib
+import io
 import json
 import pathlib
 import re
@@ -22,10 +24,11 @@ from collections.abc import Callable
 import torch
 
 from .. import cosim, distributed
+from ..build import publish, shared_store
 from ..config import Config
 from ..distributed import DistEnv
 from ..logging import RunLogger, log, save_image_grid
-from ..storage import missing_local, sha256_file, write_atomic
+from ..storage import ObjectStore, missing_local, open_store, sha256_file
 from ..teacher_io import load_network_and_extra, local_path
 from ..trainer import load_checkpoint_ema
 from .decode import Decoder, make_decoder
@@ -125,20 +128,23 @@ def sampler_key(name: str, setup: dict) -> str:
 @dataclasses.dataclass
 class SumsFile:
     """Committed sums of one sampler: {done: chunk starts, stats: {metric: MomentAccumulator state}}; one per rank
-    while generating (`rank-R-of-W.pt`), the all-reduced ones when finished (`stats.pt`)."""
-    path: pathlib.Path
+    while generating (`rank-R-of-W.pt`), the all-reduced ones when finished (`stats.pt`). Kept in the run's shared
+    store (checkpoint.url when s3://, else the run directory), so a resumed evaluation finds them on any node."""
+    store: ObjectStore
+    key: str
 
     def load(self, accs: dict[str, MomentAccumulator]) -> set[int]:
-        if not self.path.is_file():
+        if not self.store.exists(self.key):
             return set()
-        state = torch.load(self.path, map_location='cpu', weights_only=True)
+        state = torch.load(io.BytesIO(self.store.read(self.key)), map_location='cpu', weights_only=True)
         for name, acc in accs.items():
             acc.load_state_dict(state['stats'][name])
         return set(state['done'])
 
     def commit(self, accs: dict[str, MomentAccumulator], done: set[int]) -> None:
-        state = {'done': sorted(done), 'stats': {k: a.state_dict() for k, a in accs.items()}}
-        write_atomic(self.path, lambda tmp: torch.save(state, tmp))
+        buf = io.BytesIO()
+        torch.save({'done': sorted(done), 'stats': {k: a.state_dict() for k, a in accs.items()}}, buf)
+        self.store.put_bytes(buf.getvalue(), self.key)
 
 #----------------------------------------------------------------------------
 # Generation -> uint8 images -> features.
@@ -233,29 +239,35 @@ def _setup(entry: Entry, cfg: Config, pipe: Pipeline, seeds: range, vae: dict | 
             'decode_batch': cfg.eval.decode_batch, 'metrics': {m.name: m.info['weights_sha256'] for m in pipe.metrics},
             'latent_stats': [cfg.model.latent_raw_mean, cfg.model.latent_raw_std] if vae else None}
 
+def eval_store(cfg: Config) -> ObjectStore:
+    """Where evaluation state lives: the shared store (checkpoint.url when s3://), else the run directory."""
+    return shared_store(cfg) or open_store(cfg.run_dir)
+
 def _evaluate_entry(entry: Entry, cfg: Config, pipe: Pipeline, env: DistEnv, should_stop, ref: dict, meta: dict,
                     vae: dict | None, logger: RunLogger) -> dict | None:
     """Collective: one table row (on rank 0), from the sums of a finished run of this sampler, else generated
     (resumably)."""
     e = cfg.eval
     seeds = range(e.seed, e.seed + e.num_samples)
-    directory = cfg.run_dir / 'eval_state' / sampler_key(entry.spec.name, _setup(entry, cfg, pipe, seeds, vae))
-    final, accs = SumsFile(directory / 'stats.pt'), pipe.accumulators()
-    if final.path.is_file():
+    name = sampler_key(entry.spec.name, _setup(entry, cfg, pipe, seeds, vae))
+    store, directory = eval_store(cfg), f'eval_state/{name}'
+    final, accs = SumsFile(store, f'{directory}/stats.pt'), pipe.accumulators()
+    if store.exists(final.key):
         final.load(accs)
-        log.info(f'{entry.spec.name}: finished before, reusing {final.path}')
+        log.info(f'{entry.spec.name}: finished before, reusing {store.url}/{final.key}')
     else:
-        png = pathlib.Path(e.png_dir) / directory.name if e.png_dir else None
-        state = SumsFile(directory / f'rank-{env.rank}-of-{env.world_size}.pt')
-        if not state.path.is_file() and any(directory.glob('rank-*.pt')):
-            log.warning(f'{entry.spec.name}: {directory} holds sums of another world size; generating from the start')
+        png = pathlib.Path(e.png_dir) / name if e.png_dir else None
+        state = SumsFile(store, f'{directory}/rank-{env.rank}-of-{env.world_size}.pt')
+        if not store.exists(state.key) and store.list(f'{directory}/rank-'):
+            log.warning(f'{entry.spec.name}: {store.url}/{directory} holds sums of another world size; generating '
+                        f'from the start')
         accs = pipe.statistics(entry, seeds, e.chunk, env, should_stop, state, png, logger.advance)
         if env.rank == 0:
             final.commit(accs, {c.start for c in seed_chunks(seeds, e.chunk)})
         distributed.barrier()
         if env.rank == 0:
-            for path in directory.glob('rank-*.pt'):
-                path.unlink()
+            for key in store.list(f'{directory}/rank-'):
+                store.delete(key)
     return _row(entry, seeds, accs, ref, meta) if env.rank == 0 else None
 
 def evaluate_features(cfg: Config, device: torch.device, env: DistEnv, should_stop: Callable[[], bool],
@@ -290,5 +302,6 @@ def evaluate_features(cfg: Config, device: torch.device, env: DistEnv, should_st
     write_results(rows, cfg.run_dir / 'eval.json')
     print(format_table(rows, {m.name: m.name for m in metrics}))
     samples = save_samples(entries, decode, cfg, device)
+    publish(cfg, cfg.run_dir / 'eval.json', samples)
     log.info(f'results in {cfg.run_dir / "eval.json"}, samples in {samples}')
     return rows

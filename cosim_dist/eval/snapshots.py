@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from .. import cosim
-from ..build import make_world, noise_range
+from ..build import make_world, noise_range, publish
 from ..config import Config
 from ..distributed import DistEnv
 from ..storage import write_atomic
@@ -64,7 +64,7 @@ class Snapshots:
     rank 0 writes the snapshot file, the metrics.jsonl row and progress.png."""
 
     def __init__(self, cfg: Config, device: torch.device, env: DistEnv, real: bool) -> None:
-        self.run_dir, self.rank, self.num_samples = cfg.run_dir, env.rank, cfg.eval.quick_samples
+        self.cfg, self.run_dir, self.rank, self.num_samples = cfg, cfg.run_dir, env.rank, cfg.eval.quick_samples
         self.grids = {K: cosim.default_grid(K, noise_range(cfg), cfg.eval.grid_scale) for K in cfg.eval.steps}
         self.score, self.metric, self.floor = (real_scorer if real else toy_scorer)(cfg, device, env)
 
@@ -80,7 +80,7 @@ class Snapshots:
                'floor': self.floor, 'snapshot': str(path.relative_to(self.run_dir))}
         with open(self.run_dir / 'metrics.jsonl', 'a') as f:
             f.write(json.dumps(row) + '\n')
-        plot_progress(self.run_dir)
+        publish(self.cfg, path, self.run_dir / 'metrics.jsonl', plot_progress(self.run_dir))
         return {f'snapshot/{self.metric} K={K}': v for K, v in distances.items()}
 
 #----------------------------------------------------------------------------

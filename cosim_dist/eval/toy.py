@@ -4,7 +4,7 @@ floor of exact samples, and samples.png (one labelled row per sampler, the same 
 import torch
 
 from .. import cosim
-from ..build import make_logger, make_world, noise_range
+from ..build import make_logger, make_world, noise_range, publish
 from ..config import Config
 from ..distributed import DistEnv
 from ..logging import log, save_image_grid
@@ -52,6 +52,7 @@ def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, devi
         write_results(rows, cfg.run_dir / 'eval.json')
         save_image_grid(pixels_to_uint8(grid_images), cfg.run_dir / 'samples.png', rows=len(specs) + 1,
                         labels=['ground truth'] + [spec.name for spec in specs])
+        publish(cfg, cfg.run_dir / 'eval.json', cfg.run_dir / 'samples.png')
     return rows
 
 def exact_moments(world: GMMWorld, n: int, seed: int, batch: int) -> MomentAccumulator:
