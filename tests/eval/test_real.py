@@ -129,6 +129,31 @@ def test_stopped_evaluation_resumes_to_the_uninterrupted_result(tmp_path, nets, 
     assert not list((tmp_path / 'cut' / 'eval_state').glob('*/rank-*.pt'))
 
 @pytest.mark.slow
+@pytest.mark.s3
+def test_evaluation_state_and_results_live_in_an_s3_checkpoint_store(tmp_path, nets, dummy_ref, inception_weights,
+                                                                      s3_env):
+    """With checkpoint.url=s3://, a stopped evaluation's sums are in the store (a resume on another node finds them:
+    here, a run directory emptied in between) and eval.json / samples.png are published under outputs/."""
+    import shutil
+
+    from cosim_dist.storage import open_store
+    url = f's3://{s3_env.bucket}/eval-{tmp_path.name}'
+    args = eval_args(tmp_path, 's3', nets['g1'], dummy_ref, inception_weights, 'eval.steps=[2]', 'eval.num_samples=8',
+                     'eval.chunk=4', f'checkpoint.url={url}')
+    answers = iter([False, True])
+    assert run_eval(args, should_stop=lambda: next(answers)) is None
+    store = open_store(url)
+    assert [k.rsplit('/', 1)[1] for k in store.list('eval_state/')] == ['rank-0-of-1.pt']
+    shutil.rmtree(tmp_path / 's3')                 # another node: nothing of the run on its disk
+    resumed = run_eval(args)
+    full = run_eval(eval_args(tmp_path, 'full', nets['g1'], dummy_ref, inception_weights, 'eval.steps=[2]',
+                              'eval.num_samples=8', 'eval.chunk=4'))
+    assert resumed == full
+    assert [k.rsplit('/', 1)[1] for k in store.list('eval_state/')] == ['stats.pt']
+    assert {'outputs/eval.json', 'outputs/samples.png'} <= set(store.list('outputs/'))
+    assert not (tmp_path / 's3' / 'eval_state').exists()
+
+@pytest.mark.slow
 def test_latent_model_with_baselines_decodes_through_the_vae(tmp_path, nets, dummy_ref, inception_weights, tiny_vae):
     args = eval_args(tmp_path, 'l', nets['edm2'], dummy_ref, inception_weights, 'model.arch=edm2', 'model.channels=4',
                      f'model.teacher={nets["edm2"]}', 'eval.samplers=[heun,dpm,cosim]', 'eval.heun_steps=2',
