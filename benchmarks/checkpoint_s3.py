@@ -1,6 +1,6 @@
 """Save and restore of a synthetic training state through the real checkpoint path (elastic.py shards,
-CheckpointManager, SeaweedFS S3 on 127.0.0.1), over R local ranks (gloo), next to the raw-transfer floor: the same bytes per rank moved by
-a plain boto3 `upload_file` / `download_file`, in the same run.
+CheckpointManager, SeaweedFS S3 on 127.0.0.1), over R local ranks (gloo), next to the raw-transfer floor: the same
+bytes per rank moved by a plain boto3 `upload_file` / `download_file`, in the same run.
 
     python benchmarks/checkpoint_s3.py                      # 2 GiB over 4 ranks
     python benchmarks/checkpoint_s3.py --mib 512 --ranks 2
