@@ -50,15 +50,18 @@ def toy_teacher(root):
     """The tiny toy teacher, pretrained once into the shared cache (ranks of a probe must not race to pretrain it)."""
     launch(root, 'pretrain', 'task=pretrain')
 
-def probe_grads(root, name, *args, nproc):
-    """The all-reduced gradients of the first Eq. A1 and Eq. G1 micro-steps (tests/helpers/grad_probe.py)."""
-    out = root / f'{name}.pt'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', str(PROBE),
+def run_probe(script, out, root, name, *args, nproc):
+    """Run a tests/helpers probe on `nproc` ranks (torch.distributed.run) and load what rank 0 saved to `out`."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', str(script),
            str(out), f'run.root={root}', f'run.name={name}', *BASE, *args]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300,
                           env={**_env(), 'OMP_NUM_THREADS': '1'})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return torch.load(out, weights_only=True)
+
+def probe_grads(root, name, *args, nproc):
+    """The all-reduced gradients of the first Eq. A1 and Eq. G1 micro-steps (tests/helpers/grad_probe.py)."""
+    return run_probe(PROBE, root / f'{name}.pt', root, name, *args, nproc=nproc)
 
 @pytest.mark.numeric
 @pytest.mark.parametrize('stage', [1, 2, 3])
@@ -144,13 +147,7 @@ STATE_PROBE = REPO / 'tests' / 'helpers' / 'state_probe.py'
 
 def probe_state(root, name, *args, nproc):
     """The training state as the engines hold it after resuming on `nproc` ranks (tests/helpers/state_probe.py)."""
-    out = root / f'{name}-state-{nproc}.pt'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', str(STATE_PROBE),
-           str(out), f'run.root={root}', f'run.name={name}', *BASE, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300,
-                          env={**_env(), 'OMP_NUM_THREADS': '1'})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+    return run_probe(STATE_PROBE, root / f'{name}-state-{nproc}.pt', root, name, *args, nproc=nproc)
 
 def assert_same_state(a: dict, b: dict) -> None:
     assert a['nimg'] == b['nimg'] and a['adam_step'] == b['adam_step'] and a['state'].keys() == b['state'].keys()
