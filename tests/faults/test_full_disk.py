@@ -58,7 +58,7 @@ def test_full_disk_is_a_clear_error_and_loses_no_commit(half_run, fault_root, re
             if where == 'store':
                 url = str(shutil.copytree(url, fs / 'store'))
             args = [f'checkpoint.url={url}'] + ([f'checkpoint.staging={fs}'] if where == 'staging' else [])
-            filler = fill(fs, rng.randrange(size // 5, 2 * size - size // 5))
+            filler = fill(fs, rng.randrange(size // 5, size - size // 5))   # less room than one checkpoint
             full = h.start(fault_root, name, *args)
             rc, tail = full.wait(), full.output()[-3000:]
             after = h.commits(url)
