@@ -10,6 +10,7 @@ unusable (`retire`: it loses its COMMIT, so that training writes the step again)
 commits and never the one resumed from.
 """
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -18,8 +19,8 @@ import shutil
 import threading
 import uuid
 
-from .distributed import any_rank, barrier, gather_object
-from .elastic import CorruptState
+from .distributed import barrier, gather_object
+from .elastic import CorruptState, agree_on_reads
 from .logging import log
 from .storage import ObjectStore, StorageConfig, open_store, sha256_file
 
@@ -144,15 +145,14 @@ class CheckpointManager:
         for nimg in reversed(steps):
             if nimg in self.retired:
                 continue
-            reader, why = None, ''
             try:
-                reader = self.open_step(nimg)
-            except (FileNotFoundError, KeyError, ValueError) as e:
-                why = f'{type(e).__name__}: {e}'
-            if not any_rank(reader is None):
-                self.resumed = step_prefix(nimg)
-                return reader
-            self.retire(nimg, why or 'its manifest did not read on another rank')
+                reader = agree_on_reads(functools.partial(self.open_step, nimg),
+                                        f'{self.store.url}/{step_prefix(nimg)} manifest')
+            except CorruptState as e:
+                self.retire(nimg, str(e))
+                continue
+            self.resumed = step_prefix(nimg)
+            return reader
         return None
 
     def retire(self, nimg: int, why: str) -> None:

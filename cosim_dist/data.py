@@ -93,7 +93,8 @@ class _Plan:
         current = [next(p) for p in positions]                       # each slot's next (maybe partly read) visit
         # the epochs begun so far (a slot at the very start of an epoch counts it as begun: harmless, its visits are
         # all dealt anew); each slot's visits are in epoch order, so its unread ones of those epochs come first
-        last = max((item[0] for item, d in zip(current, delivered) if d > 0), default=self.first_epoch - 1)
+        # (at least up to the inherited visits' epochs, which all precede first_epoch, so none is dropped)
+        last = max([self.first_epoch - 1] + [item[0] for item, d in zip(current, delivered) if d > 0])
         left: list[Item] = []
         for item, rest in zip(current, positions):
             while item[0] <= last:

@@ -42,31 +42,43 @@ def block_size(nbytes: int) -> int:
     return min(BLOCK_MAX, max(BLOCK_MIN, 1 << max(0, math.ceil(math.log2(max(nbytes, 1) / 256)))))
 
 def save_state(directory: pathlib.Path, specs: Sequence[Spec], get: Callable[[int], torch.Tensor], rank: int,
-               world: int) -> pathlib.Path:
+               world: int) -> str:
     """Collective: `get(i)` is called on every rank for every tensor in order (it may be a collective gather); the
-    tensor's writer appends it to its shard. Returns this rank's index file."""
+    tensor's writer appends it to its shard, then writes the shard's index. A write error (a full disk) does not stop
+    the collective sequence: it is returned ('' on success) for the caller to agree on with the other ranks."""
     owners = save_owners([math.prod(shape) for _, shape in specs], world)
-    name, entries, offset = shard_name(rank, world), [], 0
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f'{name}.bin', 'wb') as f:
-        for i, (key, shape) in enumerate(specs):
-            value = get(i)
-            if owners[i] != rank:
-                continue
-            data = value.detach().to('cpu', torch.float32).contiguous().reshape(-1).numpy().tobytes()
-            if len(data) != math.prod(shape) * ITEM:
-                raise ValueError(f'state tensor {key}: {len(data) // ITEM} elements, expected shape {shape}')
+    name, entries, offset, failure = shard_name(rank, world), [], 0, ''
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        f = open(directory / f'{name}.bin', 'wb')
+    except OSError as e:
+        f, failure = None, f'{type(e).__name__}: {e}'
+    for i, (key, shape) in enumerate(specs):
+        value = get(i)
+        if owners[i] != rank or failure:
+            continue
+        data = value.detach().to('cpu', torch.float32).contiguous().reshape(-1).numpy().tobytes()
+        if len(data) != math.prod(shape) * ITEM:
+            raise ValueError(f'state tensor {key}: {len(data) // ITEM} elements, expected shape {shape}')
+        try:
             f.write(data)
-            entries.append({'name': key, 'shape': list(shape), 'offset': offset})
-            offset += len(data)
-    block = block_size(offset)
-    with open(directory / f'{name}.bin', 'rb') as f:
-        hashes = [hashlib.sha256(chunk).hexdigest() for chunk in iter(lambda: f.read(block), b'')]
-    index = {'format': 'cosim-dist elastic state 1', 'rank': rank, 'world_size': world, 'file': f'{name}.bin',
-             'bytes': offset, 'block': block, 'sha256': hashes, 'tensors': entries}
-    path = directory / f'{name}.json'
-    path.write_text(json.dumps(index))
-    return path
+        except OSError as e:
+            failure = f'{type(e).__name__}: {e}'
+        entries.append({'name': key, 'shape': list(shape), 'offset': offset})
+        offset += len(data)
+    try:
+        if f is not None:
+            f.close()
+        if not failure:
+            block = block_size(offset)
+            with open(directory / f'{name}.bin', 'rb') as f:
+                hashes = [hashlib.sha256(chunk).hexdigest() for chunk in iter(lambda: f.read(block), b'')]
+            index = {'format': 'cosim-dist elastic state 1', 'rank': rank, 'world_size': world,
+                     'file': f'{name}.bin', 'bytes': offset, 'block': block, 'sha256': hashes, 'tensors': entries}
+            (directory / f'{name}.json').write_text(json.dumps(index))
+    except OSError as e:
+        failure = failure or f'{type(e).__name__}: {e}'
+    return failure
 
 #----------------------------------------------------------------------------
 
@@ -91,6 +103,15 @@ class Layout:
             raise ValueError(f'the checkpoint holds another network than this run builds (first differences: '
                              f'{diff[:3]}); resume with the configuration that wrote it')
 
+    @staticmethod
+    def _bad_block(ix: dict, data: bytes, first: int) -> int | None:
+        """The first block of `data` (blocks first, first+1, ... of the file) that does not match its hash."""
+        block = ix['block']
+        for k in range(first, first + -(-len(data) // block)):
+            if hashlib.sha256(data[(k - first) * block:(k - first + 1) * block]).hexdigest() != ix['sha256'][k]:
+                return k
+        return None
+
     def read(self, read_range: Callable[[str, int, int], bytes], lo: int, hi: int) -> bytearray:
         """Bytes [lo, hi) of the global order, each file's part widened to whole blocks and verified."""
         out = bytearray(hi - lo)
@@ -100,16 +121,37 @@ class Layout:
                 continue
             block = ix['block']
             first, last = a // block, (b - 1) // block
-            data = read_range(ix['file'], first * block, min((last + 1) * block, ix['bytes']))
-            for k in range(first, last + 1):
-                chunk = data[(k - first) * block:(k - first + 1) * block]
-                if hashlib.sha256(chunk).hexdigest() != ix['sha256'][k]:
-                    raise CorruptState(f'{ix["file"]}: block {k} (bytes {k * block}-{k * block + len(chunk)}) does '
-                                       f'not match its sha256')
-            out[ix['base'] + a - lo:ix['base'] + b - lo] = data[a - first * block:b - first * block]
+            start, end = first * block, min((last + 1) * block, ix['bytes'])
+            data = read_range(ix['file'], start, end)
+            if self._bad_block(ix, data, first) is not None:           # a bad transfer is read once more
+                data = read_range(ix['file'], start, end)
+            if (k := self._bad_block(ix, data, first)) is not None:
+                raise CorruptState(f'{ix["file"]}: block {k} (bytes {k * block}-{min((k + 1) * block, ix["bytes"])}) '
+                                   f'does not match its sha256')
+            out[ix['base'] + a - lo:ix['base'] + b - lo] = data[a - start:b - start]
         return out
 
 OK, CORRUPT, UNREADABLE = 0, 1, 2          # outcome of a rank's reads, agreed as the worst over ranks
+
+def agree_on_reads(read: Callable[[], object], what: str) -> object:
+    """Collective: run this rank's reads, then agree with every rank on the outcome before anything collective follows.
+    A damaged checkpoint (missing file, short file, failed hash, unreadable metadata) raises CorruptState on every
+    rank (the caller retires the commit); any other error (the store unreachable, credentials) an OSError on every
+    rank, and the commit is kept."""
+    result, why, outcome = None, '', OK
+    try:
+        result = read()
+    except (CorruptState, FileNotFoundError, KeyError, ValueError, EOFError) as e:
+        why, outcome = f'{type(e).__name__}: {e}', CORRUPT
+    except Exception as e:                              # every other failure: keep the commit
+        why, outcome = f'{type(e).__name__}: {e}', UNREADABLE
+    outcome = rank_max(outcome)
+    if outcome == UNREADABLE:
+        raise OSError(f'{what} could not be read ({why or "on another rank"}); the checkpoint is kept: run again when '
+                      f'the store is reachable')
+    if outcome == CORRUPT:
+        raise CorruptState(f'{what}: {why or "failed verification on another rank"}')
+    return result
 
 def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
     """The byte range of the global order that `rank` of `world` reads on a resume (element-aligned)."""
@@ -133,19 +175,8 @@ def load_state(layout: Layout, specs: Sequence[Spec], read_range: Callable[[str,
         counted.append(len(data))
         return data
 
-    mine, why, failure = None, '', OK
-    try:
-        mine = torch.frombuffer(layout.read(counting, lo, hi), dtype=torch.float32) if hi > lo else torch.empty(0)
-    except (CorruptState, FileNotFoundError) as e:      # the checkpoint itself is damaged
-        why, failure = f'{type(e).__name__}: {e}', CORRUPT
-    except OSError as e:                                # the store could not be read: not the checkpoint's fault
-        why, failure = f'{type(e).__name__}: {e}', UNREADABLE
-    failure = rank_max(failure)
-    if failure == UNREADABLE:
-        raise OSError(f'the checkpoint could not be read from the store ({why or "on another rank"}); it is kept: '
-                      f'run again when the store is reachable')
-    if failure == CORRUPT:
-        raise CorruptState(why or 'a shard of another rank failed verification')
+    mine = agree_on_reads(lambda: torch.frombuffer(layout.read(counting, lo, hi), dtype=torch.float32)
+                          if hi > lo else torch.empty(0), 'the state shards')
     ranges = [rank_range(layout.total, r, world) for r in range(world)]
     for i, (key, shape) in enumerate(specs):
         start, _ = layout.tensors[key]

@@ -1,5 +1,5 @@
 """The resume fingerprint: the settings a training checkpoint must be resumed with, stored in its client state and
-compared on resume (train.kimg, logging, eval and generate may change)."""
+compared on resume (train.kimg, logging, eval, generate, the world size and data.num_workers may change)."""
 
 import dataclasses
 from typing import Any
@@ -9,6 +9,8 @@ from .config import Config, ConfigError, lookup
 RESUME_SECTIONS = ('run.seed', 'model', 'aux', 'data', 'schedule', 'kernel', 'loss', 'engine.backend',
                    'engine.zero_stage', 'train.batch', 'train.lr_g', 'train.lr_aux', 'train.beta1', 'train.beta2',
                    'train.eps', 'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen')
+# inside those sections, settings a resume may change: the loader's readers (data.py re-deals the epoch to them)
+FREE = frozenset({'data.num_workers'})
 
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(value):
@@ -19,12 +21,12 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 def resume_fingerprint(cfg: Config) -> dict[str, Any]:
     """The settings a checkpoint must be resumed with, flattened to dotted keys."""
-    return {k: v for key in RESUME_SECTIONS for k, v in _flatten(key, lookup(cfg, key)).items()}
+    return {k: v for key in RESUME_SECTIONS for k, v in _flatten(key, lookup(cfg, key)).items() if k not in FREE}
 
 def check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
     """Raise ConfigError listing every setting that differs from the checkpoint's."""
     diff = [f'{k}: {saved.get(k, "<unset>")!r} in the checkpoint, {now.get(k, "<unset>")!r} now'
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            for k in sorted((set(saved) | set(now)) - FREE) if saved.get(k) != now.get(k)]
     if diff:
         raise ConfigError('cannot resume: the config differs from the checkpoint\'s (' + '; '.join(diff)
                           + '); restore these values or start a new run with run.name=...')

@@ -255,25 +255,28 @@ class S3Store:
         return buf.getvalue()
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        """A ranged GET; a broken or short body is fetched again (up to max_attempts), then an OSError."""
+        """A ranged GET. A broken or short body is fetched again (up to max_attempts); a body that stays short, or a
+        range past the end of the object (416), is returned short, as a local file would be: the object is shorter."""
         import botocore.exceptions
-        if end <= start:
-            return b''
-        why = ''
-        for _ in range(self.cfg.max_attempts):
+        data, why = b'', ''
+        for _ in range(self.cfg.max_attempts if end > start else 0):
             try:
                 body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f'bytes={start}-{end - 1}')
                 data = body['Body'].read()
             except botocore.exceptions.ClientError as e:
-                raise (self._missing(key) if _is_missing(e) else e) from e
+                if _is_missing(e):
+                    raise self._missing(key) from e
+                if e.response.get('Error', {}).get('Code') == 'InvalidRange':
+                    return b''
+                raise
             except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError) as e:
                 why = f'{type(e).__name__}: {e}'
                 continue
             if len(data) == end - start:
                 return data
-            why = f'{len(data)} of {end - start} bytes'
-        raise OSError(f'{self.url}/{key}: bytes {start}-{end} could not be read ({why}) after '
-                      f'{self.cfg.max_attempts} attempts')
+        if why and not data:
+            raise OSError(f'{self.url}/{key}: bytes {start}-{end} could not be read ({why})')
+        return data
 
     def open(self, key: str) -> BinaryIO:
         try:

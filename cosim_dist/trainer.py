@@ -19,9 +19,9 @@ import torch
 
 from . import cosim
 from .checkpoint import StepReader
-from .config import KernelConfig, LossConfig, TrainConfig
+from .config import ConfigError, KernelConfig, LossConfig, TrainConfig
 from .distributed import any_rank, rank_mean
-from .elastic import ITEM, CorruptState, Layout, load_state, save_state
+from .elastic import ITEM, CorruptState, Layout, agree_on_reads, load_state, save_state
 from .engines import autocast, state_specs
 from .logging import RunLogger, log
 from .nets import build_network
@@ -120,15 +120,17 @@ class Trainer:
                 'ema_net': {'arch': arch_name(self.ema), 'init_kwargs': self.ema.init_kwargs},  # sampled on its own
                 'adam_step': {'g': self.g.adam_step(), 'aux': self.aux.adam_step()},
                 'buffers': {'ema': dict(self.ema.named_buffers())}, 'world_size': self.world_size}
-        try:
-            save_state(path, specs, self._state_access(specs)[0], self.rank, self.world_size)
-            if self.rank == 0:
+        failure = save_state(path, specs, self._state_access(specs)[0], self.rank, self.world_size)
+        if self.rank == 0 and not failure:
+            try:
                 torch.save(meta, path / 'meta.pt')
-        except (OSError, RuntimeError) as e:    # torch.save reports a full disk as 'unexpected pos ...'
+            except (OSError, RuntimeError) as e:    # torch.save reports a full disk as 'unexpected pos ...'
+                failure = f'{type(e).__name__}: {e}'
+        if any_rank(bool(failure)):                 # every rank stops here together (no collective left waiting)
             free = shutil.disk_usage(path).free / 2**20
             raise OSError(f'checkpoint staging failed: could not write the state at {self.state.nimg} images '
-                          f'into {path} ({type(e).__name__}: {e}); {free:.1f} MiB free on that disk (full?): '
-                          f'free space or set checkpoint.staging=DIR; the previous commit is intact') from e
+                          f'into {path} ({failure or "on another rank"}); {free:.1f} MiB free on that disk (full?): '
+                          f'free space or set checkpoint.staging=DIR; the previous commit is intact')
         self.checkpointer.commit(self.state.nimg)
         self.saved_nimg = self.state.nimg
 
@@ -144,13 +146,8 @@ class Trainer:
         return False
 
     def _restore(self, reader) -> None:
-        meta, layout, why = None, None, ''
-        try:
-            meta, layout = read_meta(reader)
-        except (CorruptState, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-            why = f'{type(e).__name__}: {e}'
-        if any_rank(meta is None):
-            raise CorruptState(why or 'its metadata did not read on another rank')
+        check_format(reader)                        # an older layout is an error, never a reason to retire
+        meta, layout = agree_on_reads(lambda: read_meta(reader), 'the checkpoint metadata (meta.pt, shard indexes)')
         check_resume(meta.get('config', {}), self.fingerprint)
         specs = self._state_specs()
         self.restored_bytes = load_state(layout, specs, reader.read_range, self._state_access(specs)[1], self.rank,
@@ -312,11 +309,15 @@ class Trainer:
 
 #----------------------------------------------------------------------------
 
+def check_format(reader) -> None:
+    """Checkpoints of cosim-dist before the elastic layout (DeepSpeed's own files, no meta.pt) cannot be read here."""
+    if 'meta.pt' not in reader.files:
+        raise ConfigError(f'{reader.url} has no meta.pt: it was written by an earlier cosim-dist (DeepSpeed\'s own '
+                          f'layout), which cannot resume here; start a new run (run.name=...) or use that version')
+
 def read_meta(reader) -> tuple[dict, Layout]:
     """A checkpoint step's meta.pt and the layout of its state shards (every writer's index)."""
-    if 'meta.pt' not in reader.files:
-        raise ValueError(f'{reader.url} has no meta.pt: it was written by an earlier cosim-dist (DeepSpeed\'s own '
-                         f'layout), which cannot resume here; start a new run (run.name=...) or use that version')
+    check_format(reader)
     meta = torch.load(io.BytesIO(reader.read('meta.pt')), map_location='cpu', weights_only=True)
     indexes = [json.loads(reader.read(name)) for name in sorted(reader.files) if name.endswith('.json')
                and name.startswith('shard-')]

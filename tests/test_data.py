@@ -124,6 +124,17 @@ def test_another_layout_continues_every_epoch_without_repeats_or_gaps(latents, b
     continued = _global(new, 2)
     _assert_same(_global(_layout(latents, *after, mid), 2), continued)
 
+def test_a_second_layout_change_keeps_the_inherited_visits_of_later_epochs():
+    """Inherited visits span epochs 0 and 1; the next layout stops while its only reader is still inside the epoch-0
+    visit: every inherited visit must pass on (none of epoch 1 dropped and then read again as a fresh epoch)."""
+    from cosim_dist.data import _Plan
+    from cosim_dist.shards import ShardEntry
+    entries = [ShardEntry(name=f's{i}', samples=20, bytes=0, sha256='', class_hist=[]) for i in range(6)]
+    plan = _Plan(entries, 0, 2, set(), carry=[[(0, 3, 10), (1, 1, 0)], [(1, 2, 0), (1, 5, 0)]], first_epoch=2)
+    new = plan.handover([5, 0], 3)                   # reader 0 read 5 samples of (0, s3, 10); reader 1 read nothing
+    assert sorted(i for c in new.carry for i in c) == [(0, 3, 15), (1, 1, 0), (1, 2, 0), (1, 5, 0)]
+    assert new.first_epoch == 2
+
 def test_other_seeds_and_versions_are_refused(latents):
     state = ShardStream(latents, batch_size=4, seed=1).state_dict()
     with pytest.raises(ValueError, match='saved with seed 1, this stream has 0'):

@@ -199,3 +199,13 @@ def test_resume_with_a_different_config_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r'loss\.lmbda: 1\.0 in the checkpoint, 2\.0 now'):
         changed.train()
     assert changed.checkpointer.calls == []
+
+def test_a_checkpoint_of_the_old_layout_is_an_error_not_retired(tmp_path):
+    """A commit without meta.pt (DeepSpeed's own files, before the elastic layout) stops the resume with a one-line
+    error; it is not retired (RecordingCheckpointer.retire fails the test), so the old run's files stay intact."""
+    old = tmp_path / 'old' / 'step'
+    (old / 'g').mkdir(parents=True)
+    (old / 'g' / 'engine.pt').write_bytes(b'old layout')
+    trainer = make_trainer(tmp_path, 'run', checkpointer=RecordingCheckpointer(tmp_path / 'run', resume=old))
+    with pytest.raises(ConfigError, match='has no meta.pt: it was written by an earlier cosim-dist'):
+        trainer.load_checkpoint()
