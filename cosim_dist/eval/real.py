@@ -67,7 +67,7 @@ def generator_path(path: str | None, run_dir: pathlib.Path, key: str) -> str:
 def load_generator(path: str) -> tuple[torch.nn.Module, dict]:
     """(network, snapshot extra) of a generator file: a training checkpoint step directory (its EMA), or any file
     teacher_io reads (snapshot, export, pickle)."""
-    if (local := local_path(path)).is_dir() and (local / 'g').is_dir():
+    if (local := local_path(path)).is_dir() and (local / 'manifest.json').is_file():   # a committed step
         return load_checkpoint_ema(local), {}
     return load_network_and_extra(local)
 
