@@ -81,6 +81,13 @@ def _torch_adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, step: i
         state['step'].fill_(step)
     return state
 
+def _plain_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, kind: str) -> torch.Tensor:
+    """The full tensor of kind `param` / an Adam moment of an unpartitioned parameter (no ZeRO)."""
+    return p.data if kind == 'param' else _torch_adam_state(optimizer, p)[kind]
+
+def _adam_step(optimizer: torch.optim.Optimizer) -> int:
+    return max((int(st['step']) for st in optimizer.state.values() if 'step' in st), default=0)
+
 class TorchEngine:
     """One process: Adam on fp32 parameters, gradient accumulation over `accum` micro-batches."""
 
@@ -107,17 +114,15 @@ class TorchEngine:
     # Training state as full tensors (see state_specs).
 
     def get_full(self, name: str, kind: str) -> torch.Tensor:
-        p = self.module.get_parameter(name)
-        return p.data if kind == 'param' else _torch_adam_state(self.optimizer, p)[kind]
+        return _plain_state(self.optimizer, self.module.get_parameter(name), kind)
 
     @torch.no_grad()
     def set_full(self, name: str, kind: str, value: torch.Tensor) -> None:
-        p = self.module.get_parameter(name)
-        target = p.data if kind == 'param' else _torch_adam_state(self.optimizer, p)[kind]
+        target = self.get_full(name, kind)
         target.copy_(value.reshape(target.shape))
 
     def adam_step(self) -> int:
-        return max((int(st['step']) for st in self.optimizer.state.values() if 'step' in st), default=0)
+        return _adam_step(self.optimizer)
 
     def set_adam_step(self, step: int) -> None:
         for p in self.module.parameters():
@@ -243,7 +248,7 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         p = self.module.get_parameter(name)
         if self.zero_stage == 0:
-            return p.data if kind == 'param' else _torch_adam_state(self._inner(), p)[kind]
+            return _plain_state(self._inner(), p, kind)
         self._ensure_moments()
         return safe_get_full_fp32_param(p) if kind == 'param' else safe_get_full_optimizer_state(p, kind)
 
@@ -254,7 +259,7 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
         p = self.module.get_parameter(name)
         if self.zero_stage == 0:
-            target = p.data if kind == 'param' else _torch_adam_state(self._inner(), p)[kind]
+            target = _plain_state(self._inner(), p, kind)
             target.copy_(value.reshape(target.shape))
             return
         self._ensure_moments()
@@ -282,7 +287,7 @@ class DeepSpeedEngine:
         part[:piece.numel()].copy_(piece)
 
     def adam_step(self) -> int:
-        return max((int(st['step']) for st in self._inner().state.values() if 'step' in st), default=0)
+        return _adam_step(self._inner())
 
     def set_adam_step(self, step: int) -> None:
         inner = self._inner()
