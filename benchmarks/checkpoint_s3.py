@@ -5,16 +5,20 @@ bytes per rank moved by a plain boto3 `upload_file` / `download_file`, in the sa
     python benchmarks/checkpoint_s3.py                      # 2 GiB over 4 ranks
     python benchmarks/checkpoint_s3.py --mib 512 --ranks 2
 
-Per rank: the shard bytes it writes, save seconds (state -> shard + block hashes + upload + commit), restore seconds
-(manifest, indexes and its 1/R of the bytes by ranged reads, verified, then every tensor assembled by broadcasts)
-and the floor seconds for its bytes. Restore here includes the broadcasts that hand every rank every tensor.
+Save: state -> shard with its hashes, upload, commit. Restore: manifest, indexes and each rank's 1/R of the bytes by
+ranged reads, verified, then the all-to-alls that hand each rank its partition. Floor: the same bytes per rank through
+boto3. Each is timed until the slowest rank is done, over several rounds, alternating which goes first. The state is
+held like ZeRO-3's: each rank holds 1/R of every tensor (the trainer's EMA, a full copy on every rank, is not modelled
+here).
 """
 
 import argparse
+import functools
 import importlib.util
 import math
 import os
 import pathlib
+import statistics
 import tempfile
 import time
 
@@ -28,51 +32,67 @@ from cosim_dist.trainer import read_meta
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TENSOR_MIB = 16                     # synthetic tensors of 16 MiB (4M fp32 elements), like large conv weights
 
-def rank_main(rank: int, ranks: int, port: int, url: str, work: str, mib: int, results) -> None:
+def timed(fn) -> float:
+    """Seconds until every rank has finished fn (the slowest rank's time: a save or restore is collective)."""
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    fn()
+    torch.distributed.barrier()
+    return time.perf_counter() - t0
+
+def rank_main(rank: int, ranks: int, port: int, url: str, work: str, mib: int, rounds: int, results) -> None:
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)                                # as torchrun sets OMP_NUM_THREADS=1 per rank
     torch.distributed.init_process_group('gloo', rank=rank, world_size=ranks)
     import boto3
     specs = [(f't{i}', (TENSOR_MIB << 18,)) for i in range(mib // TENSOR_MIB)]
     owners = save_owners([math.prod(s) for _, s in specs], ranks)
     gen = torch.Generator().manual_seed(rank)
     mine = {i: torch.randn(specs[i][1], generator=gen) for i in range(len(specs)) if owners[i] == rank}
-    empty = torch.empty(0)
+    n = TENSOR_MIB << 18                                    # elements per tensor; rank r holds its 1/R (ZeRO-3)
+    wants = [(rank * n // ranks, (rank + 1) * n // ranks)] * len(specs)
     ck = CheckpointManager(url, pathlib.Path(work) / 'staging', rank=rank, async_upload=False)
-    torch.distributed.barrier()
-    t0 = time.perf_counter()
-    path = ck.stage(1)
-    save_state(path, specs, lambda i: mine.get(i, empty), rank, ranks)
-    if rank == 0:
-        torch.save({'state': {}}, path / 'meta.pt')
-    shard = path / f'{shard_name(rank, ranks)}.bin'
-    nbytes = shard.stat().st_size
-    floor_file = pathlib.Path(work) / f'floor-{rank}.bin'
-    os.link(shard, floor_file)
-    ck.commit(1)
-    save_s = time.perf_counter() - t0
-    torch.distributed.barrier()
-    t0 = time.perf_counter()
-    reader = CheckpointManager(url, pathlib.Path(work) / 'restore', rank=rank).latest()
-    _, layout = read_meta(reader)
-    load_state(layout, specs, reader.read_range, lambda i, v: None, rank, ranks)
-    restore_s, read = time.perf_counter() - t0, reader.bytes_read
-    torch.distributed.barrier()
     bucket, _, prefix = url[len('s3://'):].partition('/')
     s3, config = boto3.client('s3'), ck.store.transfer
-    t0 = time.perf_counter()
-    s3.upload_file(str(floor_file), bucket, f'{prefix}/floor/{rank}', Config=config)
-    up_s = time.perf_counter() - t0
-    torch.distributed.barrier()
-    t0 = time.perf_counter()
-    s3.download_file(bucket, f'{prefix}/floor/{rank}', str(floor_file) + '.down', Config=config)
-    down_s = time.perf_counter() - t0
-    results.put((rank, nbytes, save_s, up_s, read, restore_s, down_s))
+    floor_file, info = pathlib.Path(work) / f'floor-{rank}.bin', {}
+
+    def save(step: int) -> None:
+        path = ck.stage(step)
+        _, digests = save_state(path, specs, lambda i: mine.get(i, torch.empty(0)), rank, ranks)
+        if rank == 0:
+            torch.save({'state': {}}, path / 'meta.pt')
+        shard = path / f'{shard_name(rank, ranks)}.bin'
+        info['shard'] = shard.stat().st_size
+        floor_file.unlink(missing_ok=True)
+        os.link(shard, floor_file)                          # the same bytes, for the floor
+        ck.commit(step, digests)
+
+    def restore() -> None:
+        reader = CheckpointManager(url, pathlib.Path(work) / 'restore', rank=rank).latest()
+        _, layout = read_meta(reader)
+        load_state(layout, specs, reader.read_range, wants, lambda i, v: None, rank, ranks)
+        info['read'] = reader.bytes_read
+
+    def upload(step: int) -> None:
+        s3.upload_file(str(floor_file), bucket, f'{prefix}/floor/{step}/{rank}', Config=config)
+
+    def download(step: int) -> None:
+        s3.download_file(bucket, f'{prefix}/floor/{step}/{rank}', f'{floor_file}.down', Config=config)
+
+    for step in range(1, rounds + 1):                       # odd rounds measure the floor first (no order bias)
+        save_s, up_s = timed(functools.partial(save, step)), timed(functools.partial(upload, step))
+        if step % 2:
+            down_s, restore_s = timed(functools.partial(download, step)), timed(restore)
+        else:
+            restore_s, down_s = timed(restore), timed(functools.partial(download, step))
+        results.put((step, rank, info['shard'], info['read'], save_s, up_s, restore_s, down_s))
     torch.distributed.destroy_process_group()
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--mib', type=int, default=2048, help='state size in MiB')
     parser.add_argument('--ranks', type=int, default=4, help='local ranks (gloo)')
+    parser.add_argument('--rounds', type=int, default=3, help='rounds (the table gives each and the median)')
     args = parser.parse_args()
     spec = importlib.util.spec_from_file_location('seaweedfs', REPO / 'tests' / 'services' / 'seaweedfs.py')
     seaweedfs = importlib.util.module_from_spec(spec)
@@ -83,20 +103,26 @@ def main() -> None:
         results = ctx.Queue()
         port = seaweedfs._free_ports(1)[0]
         procs = [ctx.Process(target=rank_main, args=(r, args.ranks, port, f's3://{ep.bucket}/ckpt', tmp, args.mib,
-                                                      results)) for r in range(args.ranks)]
+                                                      args.rounds, results)) for r in range(args.ranks)]
         for p in procs:
             p.start()
-        rows = sorted(results.get(timeout=3600) for _ in procs)
+        rows = sorted(results.get(timeout=3600) for _ in range(len(procs) * args.rounds))
         for p in procs:
             p.join()
-    print(f'{args.mib} MiB state over {args.ranks} ranks, SeaweedFS S3 on 127.0.0.1 (floor: boto3 upload_file / '
-          f'download_file of the same bytes, same transfer settings)')
-    print('| rank | shard MiB | save s | upload floor s | save / floor | read MiB | restore s | download floor s '
-          '| restore / floor |')
-    print('|---|---|---|---|---|---|---|---|---|')
-    for rank, nbytes, save_s, up_s, read, restore_s, down_s in rows:
-        print(f'| {rank} | {nbytes / 2**20:.0f} | {save_s:.2f} | {up_s:.2f} | {save_s / up_s:.2f} | {read / 2**20:.0f} '
-              f'| {restore_s:.2f} | {down_s:.2f} | {restore_s / down_s:.2f} |')
+    shard = [r[2] / 2**20 for r in rows if r[0] == 1]
+    read = [r[3] / 2**20 for r in rows if r[0] == 1]
+    print(f'{args.mib} MiB state over {args.ranks} ranks, SeaweedFS S3 on 127.0.0.1; per rank: writes {min(shard):.0f}'
+          f'-{max(shard):.0f} MiB, reads {min(read):.0f}-{max(read):.0f} MiB on restore. Floor: boto3 upload_file / '
+          f'download_file of the same bytes, same transfer settings. Seconds until the slowest rank is done.')
+    print('| round | save s | upload floor s | save / floor | restore s | download floor s | restore / floor |')
+    print('|---|---|---|---|---|---|---|')
+    table = [rows[k * args.ranks][4:] for k in range(args.rounds)]     # timed() is equal on every rank
+    for k, (save_s, up_s, restore_s, down_s) in enumerate(table, 1):
+        print(f'| {k} | {save_s:.2f} | {up_s:.2f} | {save_s / up_s:.2f} | {restore_s:.2f} | {down_s:.2f} '
+              f'| {restore_s / down_s:.2f} |')
+    med = [statistics.median(col) for col in zip(*table, strict=True)]
+    ratios = [statistics.median(t[0] / t[1] for t in table), statistics.median(t[2] / t[3] for t in table)]
+    print(f'| median | {med[0]:.2f} | {med[1]:.2f} | {ratios[0]:.2f} | {med[2]:.2f} | {med[3]:.2f} | {ratios[1]:.2f} |')
 
 if __name__ == '__main__':
     main()

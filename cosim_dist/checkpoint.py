@@ -62,8 +62,11 @@ class CheckpointManager:
         barrier()
         return path
 
-    def commit(self, nimg: int) -> None:
-        """Collective. Upload this rank's files (in the background if async) and commit when all ranks are done."""
+    def commit(self, nimg: int, digests: dict[str, str] | None = None) -> None:
+        """Collective. Upload this rank's files (in the background if async) and commit when all ranks are done.
+        `digests`: the sha256 of files (by staged path) that the writer hashed as it wrote them; the rest are hashed
+        here."""
+        digests = digests or {}
         path = self._rank_dir(nimg)
         result: dict = {}
 
@@ -71,8 +74,10 @@ class CheckpointManager:
             try:
                 entries = []
                 for f in sorted(p for p in path.rglob('*') if p.is_file()):
-                    key = f'{step_prefix(nimg)}/{f.relative_to(path).as_posix()}'
-                    entries.append({'key': key, 'size': f.stat().st_size, 'sha256': sha256_file(f)})
+                    name = f.relative_to(path).as_posix()
+                    key = f'{step_prefix(nimg)}/{name}'
+                    digest = digests.get(name) or sha256_file(f)
+                    entries.append({'key': key, 'size': f.stat().st_size, 'sha256': digest})
                     self.store.put_file(f, key)
                 result['entries'] = entries
             except Exception as e:     # reported at the collective finish, on every rank

@@ -1,13 +1,14 @@
 """Training engines (a network, its optimiser and the step around them) and the frozen teacher's placement.
 
-Both engine kinds expose what the trainer uses: `module`, `backward(loss)` (scaled by 1 / accumulation
-steps), `step()` (called after every micro-batch, applied at the accumulation boundary), `full_parameters()` (a
-context in which every parameter is materialised, for the EMA under ZeRO-3) and the training state as full fp32
-tensors (`get_full` / `set_full` per parameter and kind, `adam_step` / `set_adam_step`), which elastic.py stores
-independently of the world size. An optional `WeightConstraint` (EDM2's forced weight normalisation) is applied once at
-construction and after every optimiser step, to the module's weights and to the optimiser's master copy.
-`TorchEngine` is one process with plain Adam; `DeepSpeedEngine` wraps `deepspeed.initialize` with ZeRO stage 0-3.
-Precision is autocast (fp32 master weights, see `autocast`)."""
+Both engine kinds expose what the trainer uses: `module`, `backward(loss)` (scaled by 1 / accumulation steps), `step()`
+(called after every micro-batch, applied at the accumulation boundary), `full_parameters()` (a context in which every
+parameter is materialised, for the EMA under ZeRO-3) and the training state per parameter and kind, which elastic.py
+stores independently of the world size: `get_full` (the full fp32 tensor), `state_range` (the elements this rank holds:
+its ZeRO partition, or all) and `set_state` (those elements), `adam_step` / `set_adam_step`. An optional
+`WeightConstraint` (EDM2's forced weight normalisation) is applied once at construction and after every optimiser step,
+to the module's weights and to the optimiser's master copy. `TorchEngine` is one process with plain Adam;
+`DeepSpeedEngine` wraps `deepspeed.initialize` with ZeRO stage 0-3. Precision is autocast (fp32 master weights, see
+`autocast`)."""
 
 import contextlib
 import os
@@ -116,10 +117,13 @@ class TorchEngine:
     def get_full(self, name: str, kind: str) -> torch.Tensor:
         return _plain_state(self.optimizer, self.module.get_parameter(name), kind)
 
+    def state_range(self, name: str, kind: str) -> tuple[int, int]:
+        return 0, self.module.get_parameter(name).numel()
+
     @torch.no_grad()
-    def set_full(self, name: str, kind: str, value: torch.Tensor) -> None:
+    def set_state(self, name: str, kind: str, values: torch.Tensor) -> None:
         target = self.get_full(name, kind)
-        target.copy_(value.reshape(target.shape))
+        target.copy_(values.reshape(target.shape))
 
     def adam_step(self) -> int:
         return _adam_step(self.optimizer)
@@ -252,39 +256,41 @@ class DeepSpeedEngine:
         self._ensure_moments()
         return safe_get_full_fp32_param(p) if kind == 'param' else safe_get_full_optimizer_state(p, kind)
 
+    def state_range(self, name: str, kind: str) -> tuple[int, int]:
+        """The elements of the flattened full tensor that this rank holds: under ZeRO-3 its partition (parameter and
+        moments alike), under ZeRO-1/2 its fragment of the moments (the parameter itself is replicated), else all."""
+        p = self.module.get_parameter(name)
+        if self.zero_stage == 3:
+            start = p.ds_tensor.numel() * self.engine.optimizer._get_param_partition_rank(p)
+            return min(start, p.ds_numel), min(start + p.ds_tensor.numel(), p.ds_numel)
+        if self.zero_stage == 0 or kind == 'param':
+            return 0, p.numel()
+        fragment = p._hp_mapping.lp_fragment_address if p._hp_mapping is not None else None
+        return (fragment.start, fragment.start + fragment.numel) if fragment else (0, 0)
+
     @torch.no_grad()
-    def set_full(self, name: str, kind: str, value: torch.Tensor) -> None:
-        """`value` is the full tensor on every rank; each keeps its partition (parameters: module and master)."""
-        import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    def set_state(self, name: str, kind: str, values: torch.Tensor) -> None:
+        """`values`: the elements `state_range` names. A parameter is set in the module and in the fp32 master copy."""
         p = self.module.get_parameter(name)
         if self.zero_stage == 0:
             target = _plain_state(self._inner(), p, kind)
-            target.copy_(value.reshape(target.shape))
+            target.copy_(values.reshape(target.shape))
             return
         self._ensure_moments()
-        value = value.reshape(getattr(p, 'ds_shape', p.shape))
-        if self.zero_stage == 3:
-            self._set_zero3_partition(p, None if kind == 'param' else kind, value)
-            if kind == 'param':
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    p.data.copy_(value)
-        elif kind != 'param':
-            safe_set_full_optimizer_state(p, value, kind)
-        else:
-            safe_set_full_fp32_param(p, value)
-            p.data.copy_(value)
-
-    def _set_zero3_partition(self, p: torch.nn.Parameter, key: str | None, value: torch.Tensor) -> None:
-        """This rank's slice of a full fp32 tensor into ZeRO-3's master partition (key None) or Adam moment.
-        (DeepSpeed's set_full_hp_param assumes no padding: a parameter smaller than the world size, e.g. a gain,
-        fails there.)"""
-        opt = self.engine.optimizer
-        part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
-        start = part.numel() * opt._get_param_partition_rank(p)
-        piece = value.flatten()[start:start + part.numel()]
-        part.zero_()
-        part[:piece.numel()].copy_(piece)
+        key = None if kind == 'param' else kind
+        if self.zero_stage == 3:                       # the padded partition (DeepSpeed's set_full_hp_param assumes
+            opt = self.engine.optimizer                # no padding: a gain on more ranks than elements fails there)
+            targets = [opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)[0]]
+            for t in targets + ([p.ds_tensor.data.view(-1)] if key is None else []):
+                t.zero_()
+                t[:values.numel()].copy_(values)
+            return
+        if key is None:
+            p.data.copy_(values.reshape(p.shape))
+        if p._hp_mapping is not None:                  # this rank's fragment of the flat fp32 partition
+            fragment = p._hp_mapping.lp_fragment_address
+            source = values if key is not None else values[fragment.start:fragment.start + fragment.numel]
+            p._hp_mapping.get_hp_fragment(key).data.copy_(source.reshape(-1))
 
     def adam_step(self) -> int:
         return _adam_step(self._inner())

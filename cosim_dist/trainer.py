@@ -21,7 +21,7 @@ from . import cosim
 from .checkpoint import StepReader
 from .config import ConfigError, KernelConfig, LossConfig, TrainConfig
 from .distributed import any_rank, rank_mean
-from .elastic import ITEM, CorruptState, Layout, agree_on_reads, load_state, save_state
+from .elastic import ITEM, CorruptState, Layout, agree_on_reads, as_floats, load_state, save_state
 from .engines import autocast, state_specs
 from .logging import RunLogger, log
 from .nets import build_network
@@ -39,7 +39,8 @@ class Checkpointer(Protocol):
     def latest(self) -> StepReader | None: ...          # collective: the newest committed checkpoint, read lazily
     def retire(self, nimg: int, why: str) -> None: ...  # collective: a commit that turned out unusable
     def stage(self, nimg: int) -> pathlib.Path: ...     # collective: local directory to write a checkpoint into
-    def commit(self, nimg: int) -> None: ...            # collective: every rank wrote; make it the newest
+    def commit(self, nimg: int, digests: dict[str, str]) -> None: ...  # collective: every rank wrote (sha256 of
+                                                        # files it hashed as it wrote them); make it the newest
     def close(self) -> None: ...                        # collective: finish pending uploads
 
 def finite_rows(*xs: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,8 @@ class Trainer:
                 + [(f'ema/{k}', tuple(p.shape)) for k, p in self.ema.named_parameters()])
 
     def _state_access(self, specs):
-        """(get(i), set(i, value)) over the tensors of `specs`: engine state through the engines, EMA directly."""
+        """(get(i), wants, set(i, values)) over the tensors of `specs`: engine state through the engines (each rank
+        holds its partitions), the EMA directly (a full copy on every rank)."""
         engines, ema = {'g': self.g, 'aux': self.aux}, dict(self.ema.named_parameters())
         parts = [key.split('/') for key, _ in specs]         # [net, name, kind] or ['ema', name]
 
@@ -105,13 +107,15 @@ class Trainer:
             net, name, *kind = parts[i]
             return ema[name].data if net == 'ema' else engines[net].get_full(name, kind[0])
 
-        def set_(i: int, value: torch.Tensor) -> None:
+        def set_(i: int, values: torch.Tensor) -> None:
             net, name, *kind = parts[i]
             if net == 'ema':
-                ema[name].data.copy_(value)
+                ema[name].data.copy_(values.reshape(ema[name].shape))
             else:
-                engines[net].set_full(name, kind[0], value)
-        return get, set_
+                engines[net].set_state(name, kind[0], values)
+        wants = [(0, ema[name].numel()) if net == 'ema' else engines[net].state_range(name, kind[0])
+                 for net, name, *kind in parts]
+        return get, wants, set_
 
     def save_checkpoint(self) -> None:
         path = self.checkpointer.stage(self.state.nimg)
@@ -120,7 +124,7 @@ class Trainer:
                 'ema_net': {'arch': arch_name(self.ema), 'init_kwargs': self.ema.init_kwargs},  # sampled on its own
                 'adam_step': {'g': self.g.adam_step(), 'aux': self.aux.adam_step()},
                 'buffers': {'ema': dict(self.ema.named_buffers())}, 'world_size': self.world_size}
-        failure = save_state(path, specs, self._state_access(specs)[0], self.rank, self.world_size)
+        failure, digests = save_state(path, specs, self._state_access(specs)[0], self.rank, self.world_size)
         if self.rank == 0 and not failure:
             try:
                 torch.save(meta, path / 'meta.pt')
@@ -131,7 +135,7 @@ class Trainer:
             raise OSError(f'checkpoint staging failed: could not write the state at {self.state.nimg} images '
                           f'into {path} ({failure or "on another rank"}); {free:.1f} MiB free on that disk (full?): '
                           f'free space or set checkpoint.staging=DIR; the previous commit is intact')
-        self.checkpointer.commit(self.state.nimg)
+        self.checkpointer.commit(self.state.nimg, digests)
         self.saved_nimg = self.state.nimg
 
     def load_checkpoint(self) -> bool:
@@ -150,8 +154,9 @@ class Trainer:
         meta, layout = agree_on_reads(lambda: read_meta(reader), 'the checkpoint metadata (meta.pt, shard indexes)')
         check_resume(meta.get('config', {}), self.fingerprint)
         specs = self._state_specs()
-        self.restored_bytes = load_state(layout, specs, reader.read_range, self._state_access(specs)[1], self.rank,
-                                         self.world_size, self.device)
+        _, wants, set_ = self._state_access(specs)
+        self.restored_bytes = load_state(layout, specs, reader.read_range, wants, set_, self.rank, self.world_size,
+                                         self.device)
         self.g.set_adam_step(meta['adam_step']['g'])
         self.aux.set_adam_step(meta['adam_step']['aux'])
         for name, value in meta['buffers']['ema'].items():
@@ -339,7 +344,7 @@ def saved_tensors(reader: StepReader, prefix: str) -> tuple[dict, dict[str, torc
     for key, (start, shape) in layout.tensors.items():
         if key.startswith(prefix):
             data = layout.read(reader.read_range, start, start + math.prod(shape) * ITEM)
-            tensors[key[len(prefix):]] = torch.frombuffer(data, dtype=torch.float32).view(shape)
+            tensors[key[len(prefix):]] = as_floats(data).clone().view(shape)
     return meta, tensors
 
 def load_checkpoint_ema(step_dir: pathlib.Path) -> torch.nn.Module:

@@ -61,3 +61,8 @@ def tiny_vae(tmp_path_factory) -> str:
     """A randomly initialised AutoencoderKL directory with one downsampling (32x32 pixels <-> 4x16x16 latents)."""
     helper = load_helper('helpers/random_weights.py')
     return helper.write_vae(tmp_path_factory.mktemp('vae'), helper.TINY_VAE)
+
+@pytest.fixture(scope='session')
+def route_probe():
+    """tests/helpers/route_probe.py: a small elastic state, its holdings per rank and the per-rank resume."""
+    return load_helper('helpers/route_probe.py')

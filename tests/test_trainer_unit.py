@@ -66,10 +66,11 @@ class RecordingCheckpointer:
         path.mkdir(parents=True)
         return path
 
-    def commit(self, nimg):
+    def commit(self, nimg, digests):
         self.calls.append(('commit', nimg))
         staged = self.root / 'stage' / str(nimg)
         assert (staged / 'meta.pt').is_file() and (staged / 'shard-00000-of-00001.bin').is_file()
+        assert digests == {'shard-00000-of-00001.bin': sha256_file(staged / 'shard-00000-of-00001.bin')}
         self.commits[nimg] = self.root / 'commits' / str(nimg)
         shutil.move(staged, self.commits[nimg])
 

@@ -22,7 +22,7 @@ def main(out: str, overrides: list[str]) -> None:
     trainer = build.build_trainer(cfg, teacher, device, env)
     assert trainer.load_checkpoint(), 'no checkpoint to resume from'
     specs = trainer._state_specs()
-    get, _ = trainer._state_access(specs)
+    get = trainer._state_access(specs)[0]
     state = {key: get(i).detach().cpu().clone() for i, (key, _) in enumerate(specs)}   # collective under ZeRO
     read = [None] * env.world_size
     torch.distributed.all_gather_object(read, trainer.restored_bytes)
