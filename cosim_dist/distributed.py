@@ -4,9 +4,9 @@ A partially set environment is an error that lists what is missing."""
 import dataclasses
 import datetime
 import os
-import random
 import re
 import socket
+import subprocess
 from collections.abc import Mapping
 
 import torch
@@ -35,7 +35,14 @@ class DistEnv:
                           MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
 
 def first_host(nodelist: str) -> str:
-    """First hostname of a Slurm nodelist such as 'gpu[007-009,012],cpu1' -> 'gpu007'."""
+    """First hostname of a Slurm nodelist: `scontrol show hostnames` (Slurm's own expansion), else a parse of the
+    simple forms such as 'gpu[007-009,012],cpu1' -> 'gpu007' where scontrol is not installed."""
+    try:
+        done = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True, timeout=30)
+        if done.returncode == 0 and done.stdout.split():
+            return done.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     m = re.match(r'([^,\[]+)(\[([^\]]+)\])?', nodelist.strip())
     if m is None:
         raise DistributedEnvError(f'cannot parse SLURM_JOB_NODELIST={nodelist!r}')
@@ -43,6 +50,11 @@ def first_host(nodelist: str) -> str:
     if ranges is None:
         return prefix
     return prefix + ranges.split(',')[0].split('-')[0]
+
+def rendezvous_port(job_id: str | int) -> int:
+    """The job's rendezvous port, the same on every task: below Linux's ephemeral range (32768-60999), where the
+    kernel never hands a port to an outgoing connection that could hold it already."""
+    return 20000 + int(str(job_id).split('_')[0]) % 12000
 
 def _require(env: Mapping[str, str], names: tuple[str, ...], what: str) -> None:
     missing = [k for k in names if k not in env]
@@ -59,9 +71,9 @@ def discover(env: Mapping[str, str] = os.environ) -> DistEnv:
                        int(env['MASTER_PORT']), 'torchrun')
     if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
         _require(env, SLURM_VARS, 'Slurm')
-        port = random.Random(int(env['SLURM_JOB_ID'])).randint(20000, 60000)   # same on every task of the job
+        nodes = env.get('SLURM_STEP_NODELIST', env['SLURM_JOB_NODELIST'])   # the step's hosts (srun inside a job)
         return DistEnv(int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env['SLURM_LOCALID']),
-                       first_host(env['SLURM_JOB_NODELIST']), port, 'slurm')
+                       first_host(nodes), rendezvous_port(env['SLURM_JOB_ID']), 'slurm')
     return DistEnv()
 
 #----------------------------------------------------------------------------

@@ -18,7 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--gpus-per-node', type=int, default=0, help='GPUs per node (one rank each)')
     parser.add_argument('--tasks-per-node', type=int, default=None,
                         help='ranks per node (default: GPUs per node, or 1)')
-    parser.add_argument('--cpus-per-task', type=int, default=1, help='CPU cores per rank')
+    parser.add_argument('--cpus-per-task', type=int, default=None,
+                        help="CPU cores per rank (default: the node's cores / ranks per node)")
+    parser.add_argument('--mem', default=None, help="memory per node (default with GPUs: 0, all of the node's)")
+    parser.add_argument('--exclusive', action='store_true', help='whole nodes only')
+    parser.add_argument('--signal-delay-s', type=int, default=120,
+                        help='USR2 this long before the time limit (one step + a save + its upload)')
+    parser.add_argument('--cpu-ranks', action='store_true', help='allow a real model on CPU ranks (no GPUs)')
     parser.add_argument('--partition', default=None, help='Slurm partition')
     parser.add_argument('--account', default=None, help='Slurm account')
     parser.add_argument('--qos', default=None, help='Slurm QOS')
@@ -31,10 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cluster == 'slurm':
             from .launchers.slurm import SlurmOptions, submit
             options = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                                   tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
-                                   partition=args.partition, account=args.account, qos=args.qos,
-                                   timeout_min=args.timeout_min)
-            batch_layout(cfg.train, args.nodes * (args.tasks_per_node or args.gpus_per_node or 1))
+                                   tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
+                                   exclusive=args.exclusive, partition=args.partition, account=args.account,
+                                   qos=args.qos, timeout_min=args.timeout_min, signal_delay_s=args.signal_delay_s,
+                                   cpu_ranks=args.cpu_ranks)
+            batch_layout(cfg.train, args.nodes * options.tasks)
             submit(cfg, options, args.overrides, dry_run=args.dry_run)
             if args.dry_run:
                 print(to_yaml(cfg), end='')

@@ -57,7 +57,7 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     else:
         G = None
     distributed.barrier()                                  # rank 0 has written generator.pt
-    if should_stop():
+    if distributed.any_rank(should_stop()):                # agreed: no rank goes on to evaluate alone
         return None
     rows = None
     if cfg.task != 'train' and real:                       # task=default: distil, then FID / FD-DINOv2

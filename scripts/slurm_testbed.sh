@@ -9,7 +9,7 @@
 #   scripts/slurm_testbed.sh stop      cancel every job and stop the daemons
 #   scripts/slurm_testbed.sh status    daemons, sinfo and squeue (exit code 3 when a daemon is down)
 #
-# Partitions: `low` (default, PriorityTier=1, GraceTime=30, preemptible by REQUEUE) and `high` (PriorityTier=10,
+# Partitions: `low` (default, PriorityTier=1, GraceTime=30, preemptible by REQUEUE: SIGTERM, SIGKILL 30 s later) and `high` (PriorityTier=10,
 # PreemptMode=OFF). The node declares CPUs=4 whatever the machine has: a job in `high` asking for 4 CPUs preempts `low`.
 # Environment: SLURM_TESTBED_TIMEOUT (seconds to wait for the node, default 60).
 # Files: /etc/slurm/{slurm,slurmdbd}.conf, logs in /var/log/slurm, state in /var/lib/slurm, pid files in /run.
@@ -194,9 +194,8 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
-# Preemption by partition priority; preempted jobs get their --signal (submitit: USR2) and are requeued.
-# (22.05 spelling: PreemptParameters= is fatal there.)
-SlurmctldParameters=preempt_send_user_signal
+# Preemption by partition priority, as Slurm ships it: a preempted job gets SIGCONT + SIGTERM, SIGKILL after the
+# partition's GraceTime, and is requeued (the job's own --signal, e.g. submitit's USR2, marks its time limit only).
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 AccountingStorageType=accounting_storage/slurmdbd

@@ -21,7 +21,10 @@ def test_torchrun_wins_even_inside_slurm():
 def test_slurm_tasks():
     env = discover(SLURM)
     assert (env.source, env.rank, env.world_size, env.local_rank, env.master_addr) == ('slurm', 5, 8, 1, 'gpu007')
-    assert 20000 <= env.master_port <= 60000 and discover(SLURM).master_port == env.master_port
+    assert 20000 <= env.master_port < 32768 and discover(SLURM).master_port == env.master_port   # not ephemeral
+    assert discover({**SLURM, 'SLURM_JOB_ID': '4243'}).master_port != env.master_port
+    step = discover({**SLURM, 'SLURM_STEP_NODELIST': 'gpu[009,012]'})      # srun inside a larger allocation
+    assert step.master_addr == 'gpu009'
 
 @pytest.mark.parametrize('env, missing', [
     ({k: v for k, v in TORCHRUN.items() if k != 'MASTER_PORT'}, 'MASTER_PORT'),
@@ -34,7 +37,10 @@ def test_partial_environment_is_an_error(env, missing):
 
 @pytest.mark.parametrize('nodelist, host', [('node1', 'node1'), ('a[01-04]', 'a01'), ('gpu[3,5-7],cpu1', 'gpu3'),
                                             ('x-y[10]', 'x-y10')])
-def test_first_host(nodelist, host):
+def test_first_host(nodelist, host, monkeypatch):
+    """Through `scontrol show hostnames` where Slurm is installed, and through the fallback parse without it."""
+    assert first_host(nodelist) == host
+    monkeypatch.setenv('PATH', '/nonexistent')
     assert first_host(nodelist) == host
 
 def test_a_local_checkpoint_store_is_refused_across_hosts(tmp_path):

@@ -2,7 +2,6 @@
 
 import os
 import pathlib
-import signal
 import site
 import subprocess
 import sys
@@ -10,9 +9,7 @@ import sys
 from .. import distributed
 from ..config import Config
 from ..logging import log, setup_console
-from .signals import StopFlag
-
-EXIT_STOPPED = 3
+from .signals import StopFlag, agreed_stop, requeue_if_asked
 
 def launch_local(cfg: Config) -> None:
     """Run cfg.task in this process (a single process, or one rank started by torchrun or srun). SIGUSR2 or SIGTERM
@@ -20,16 +17,17 @@ def launch_local(cfg: Config) -> None:
     from .. import tasks
     env = distributed.discover()
     setup_console(env.rank)
-    stop = StopFlag((signal.SIGUSR2, signal.SIGTERM))
+    stop = StopFlag()
     try:
         tasks.run(cfg, env, should_stop=stop)
+        signum = agreed_stop(stop)
         stop.release()
     finally:
         distributed.shutdown()
-    if stop():
+    if signum:
         log.info('stopped early with a checkpoint: run the same command again to resume')
-        if env.source == 'slurm':
-            sys.exit(EXIT_STOPPED)      # slurm/train.sbatch requeues on this code
+        if env.source == 'slurm':                   # slurm/train.sbatch: requeued by rank 0 after the save
+            requeue_if_asked(signum, env.rank, os.environ['SLURM_JOB_ID'])
 
 def launch_processes(nproc: int, overrides: list[str]) -> int:
     """Start `nproc` ranks of `python -m cosim_dist.launch overrides` through torch.distributed.run on this machine

@@ -1,37 +1,69 @@
 """Slurm launcher through submitit: one task per GPU (or per CPU slot), torch.distributed from the Slurm
 environment, run directory keyed by run name (the same command resumes the same run), and preemption /
-time-limit handling: USR2 only sets a flag, ranks agree at a step boundary, save collectively, rank 0
-requeues the job, every rank exits."""
+time-limit handling (signals.py): USR2 or SIGTERM only sets a flag, ranks agree at a step boundary, save
+collectively, rank 0 requeues the job (after USR2 or a preemption, not after scancel), every rank exits 0."""
 
 import dataclasses
 import pathlib
+import shlex
+import shutil
 import subprocess
 import sys
 
-from ..config import Config, load_config
+from ..config import Config, ConfigError, load_config
+from ..config_checks import real_model
 
 @dataclasses.dataclass
 class SlurmOptions:
     nodes: int = 1                   # nodes
-    gpus_per_node: int = 0           # GPUs per node (0: CPU tasks)
+    gpus_per_node: int = 0           # GPUs per node (0: CPU ranks on gloo; refused for a real model unless cpu_ranks)
     tasks_per_node: int | None = None # ranks per node (default: gpus_per_node, or 1 without GPUs)
-    cpus_per_task: int = 1           # CPU cores per rank
+    cpus_per_task: int | None = None # CPU cores per rank (default: the node's cores / ranks per node, from sinfo;
+                                     # 8 per GPU where sinfo cannot tell)
+    mem: str | None = None           # memory per node (default with GPUs: '0', all of the node's memory)
+    exclusive: bool = False          # whole nodes only
     partition: str | None = None     # Slurm partition
     account: str | None = None       # Slurm account
     qos: str | None = None           # Slurm QOS
     timeout_min: int = 60 * 24       # wall-clock limit per allocation; the run requeues itself when it is reached
     signal_delay_s: int = 120        # USR2 this long before the limit: must cover one step, a save and the upload
+    cpu_ranks: bool = False          # allow a real model on CPU ranks (gpus_per_node 0)
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    def node_cpus(self) -> int | None:
+        """CPUs of the partition's smallest node (`sinfo`), or None where Slurm is not installed."""
+        cmd = ['sinfo', '-h', '-N', '-o', '%c'] + (['-p', self.partition] if self.partition else [])
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return min((int(c) for c in out if c.isdigit()), default=None)
 
     def executor_parameters(self, name: str) -> dict:
-        tasks = self.tasks_per_node or self.gpus_per_node or 1
-        params = dict(name=name, nodes=self.nodes, tasks_per_node=tasks, cpus_per_task=self.cpus_per_task,
-                      timeout_min=self.timeout_min, slurm_signal_delay_s=self.signal_delay_s)
+        """submitit's Slurm parameters: one rank per task; srun ends the step when any rank fails."""
+        node = self.node_cpus() or (8 * self.tasks if self.gpus_per_node else self.tasks)   # unknown: 8 per GPU
+        cpus = self.cpus_per_task or max(1, node // self.tasks)
+        params = dict(job_name=name, nodes=self.nodes, ntasks_per_node=self.tasks, cpus_per_task=cpus,
+                      time=self.timeout_min, signal_delay_s=self.signal_delay_s,
+                      srun_args=['--kill-on-bad-exit=1'], additional_parameters={'requeue': True})
         if self.gpus_per_node:
-            params['gpus_per_node'] = self.gpus_per_node
+            params.update(gpus_per_node=self.gpus_per_node, mem=self.mem or '0')
+        elif self.mem:
+            params['mem'] = self.mem
+        if self.exclusive:
+            params['exclusive'] = True
         for key in ('partition', 'account', 'qos'):
             if getattr(self, key):
-                params[f'slurm_{key}'] = getattr(self, key)
+                params[key] = getattr(self, key)
         return params
+
+    def check(self, cfg: Config) -> None:
+        if self.gpus_per_node == 0 and real_model(cfg) and not self.cpu_ranks:
+            raise ConfigError(f'--gpus-per-node 0 would train {cfg.model.arch} on CPU ranks (gloo); give the GPUs per '
+                              f'node (e.g. --gpus-per-node 8), or --cpu-ranks to mean it')
 
 #----------------------------------------------------------------------------
 
@@ -42,30 +74,26 @@ class TrainTask:
         self.overrides = list(overrides)
 
     def __call__(self) -> None:
-        import signal
-
         import submitit
 
         from .. import distributed, tasks
         from ..logging import log, setup_console
-        from .signals import StopFlag
+        from .signals import StopFlag, agreed_stop, requeue_if_asked
 
         job = submitit.JobEnvironment()
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        stop = StopFlag((signal.SIGUSR2,))       # replaces submitit's handler: the collective save comes first
-        env = distributed.discover()
+        stop = StopFlag()                        # replaces submitit's handlers: the collective save comes first
+        env = distributed.discover()             # from the task's SLURM_* variables (host list, port: distributed.py)
         setup_console(env.rank)
         log.info(f'slurm job {job.job_id} task {env.rank}/{env.world_size} on {job.hostname}')
         cfg = load_config(self.overrides)
         try:
             tasks.run(cfg, env, should_stop=stop)
-            stop.release()                          # a second USR2 during the exit must not kill the stopped task
+            signum = agreed_stop(stop)
+            stop.release()                          # a second signal during the exit must not kill the stopped task
         finally:
             distributed.shutdown()
-        if stop():
-            if env.rank == 0:
-                log.info(f'checkpoint saved; requeueing job {job.job_id}')
-                subprocess.run(['scontrol', 'requeue', str(job.job_id)], check=True)
+        if signum:
+            requeue_if_asked(signum, env.rank, job.job_id)
             sys.exit(0)
 
     def checkpoint(self, *args, **kwargs):
@@ -73,22 +101,31 @@ class TrainTask:
         import submitit
         return submitit.helpers.DelayedSubmission(type(self)(self.overrides))
 
-def make_executor(cfg: Config, options: SlurmOptions):
-    import submitit
+def sbatch_script(cfg: Config, options: SlurmOptions) -> str:
+    """The sbatch script submitit would submit (rendered by submitit, without Slurm)."""
+    from submitit.slurm.slurm import _make_sbatch_string
     folder = pathlib.Path(cfg.run_dir).absolute() / 'slurm'
-    executor = submitit.AutoExecutor(folder=folder, cluster='slurm')
-    executor.update_parameters(**options.executor_parameters(f'cosim-{cfg.run.name}'))
-    return executor
+    command = f'{shlex.quote(sys.executable)} -u -m submitit.core._submit'
+    return _make_sbatch_string(command=command, folder=folder / '%j',
+                               **options.executor_parameters(f'cosim-{cfg.run.name}'))
 
 def submit(cfg: Config, options: SlurmOptions, overrides: list[str], dry_run: bool = False):
-    """Submit the run (or show what would be submitted). Re-running the same command resumes the run."""
-    executor = make_executor(cfg, options)
+    """Submit the run (or print the sbatch script). Re-running the same command resumes the run."""
+    options.check(cfg)
     if dry_run:
-        print('# sbatch parameters')
-        for key, value in sorted(executor._executor.parameters.items()):
-            print(f'#   {key}: {value}')
+        print(sbatch_script(cfg, options))
         return None
+    if shutil.which('sbatch') is None:
+        raise ConfigError('--cluster slurm needs Slurm (sbatch is not on PATH); run on a login node, use --dry-run '
+                          'to see the script, or --cluster local')
+    import submitit
+    executor = submitit.SlurmExecutor(folder=pathlib.Path(cfg.run_dir).absolute() / 'slurm')
+    executor.update_parameters(**options.executor_parameters(f'cosim-{cfg.run.name}'))
     pathlib.Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    job = executor.submit(TrainTask([*overrides, f'run.root={pathlib.Path(cfg.run.root).absolute()}']))
+    try:
+        job = executor.submit(TrainTask([*overrides, f'run.root={pathlib.Path(cfg.run.root).absolute()}']))
+    except submitit.core.utils.FailedJobError as e:
+        why = str(e).strip().splitlines()[-1].removeprefix('sbatch: error: ')
+        raise ConfigError(f'sbatch refused the job: {why}') from None
     print(f'submitted Slurm job {job.job_id} for run {cfg.run_dir} (logs in {cfg.run_dir}/slurm)')
     return job

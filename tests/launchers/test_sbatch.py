@@ -1,5 +1,6 @@
-"""slurm/train.sbatch without submitit on the real single-node Slurm: USR2 to the job's tasks makes the ranks save
-and exit with code 3, the script requeues the job, and the rerun resumes and finishes."""
+"""slurm/train.sbatch without submitit on the real single-node Slurm: the time-limit signal (USR2 to the job's tasks)
+and a preemption (a job in the `high` partition: SIGTERM to the script and the tasks, SIGKILL after GraceTime) make the
+ranks save, rank 0 requeue the job and every rank exit 0; the rerun resumes and finishes."""
 
 import pathlib
 import subprocess
@@ -10,7 +11,8 @@ import pytest
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-def test_sbatch_script_requeues_after_usr2(slurm_cluster, tmp_path, monkeypatch):
+@pytest.mark.parametrize('stop', ['usr2', 'preemption'])
+def test_sbatch_script_resumes_after_a_stop(slurm_cluster, tmp_path, monkeypatch, stop):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     out = tmp_path / 'job.out'
     submit = subprocess.run(
@@ -26,12 +28,17 @@ def test_sbatch_script_requeues_after_usr2(slurm_cluster, tmp_path, monkeypatch)
     while not (jsonl.exists() and len(jsonl.read_text().splitlines()) > 10):
         assert time.monotonic() < deadline, out.read_text()[-3000:] if out.exists() else 'no job output'
         time.sleep(0.25)
-    subprocess.run(['scancel', '--signal=USR2', job], check=True)
+    if stop == 'usr2':
+        subprocess.run(['scancel', '--signal=USR2', job], check=True)
+    else:
+        subprocess.run(['sbatch', f'--partition={slurm_cluster.high}', f'--cpus-per-task={slurm_cluster.cpus}',
+                        '--time=5', f'--output={tmp_path / "high.out"}', '--wrap', 'sleep 2'], check=True)
     deadline = time.monotonic() + 180
     while not (tmp_path / 'sb' / 'checkpoints').exists() or 'done in' not in out.read_text().split('resumed at')[-1]:
         assert time.monotonic() < deadline, out.read_text()[-4000:]
         time.sleep(0.5)
     log = out.read_text()
-    for line in ('received SIGUSR2', 'stop requested: saving at', f'requeueing job {job}', 'resumed at'):
+    expected = ('received SIGUSR2',) if stop == 'usr2' else ('received SIGTERM', 'train.sbatch: SIGTERM')
+    for line in ('stop requested: saving at', f'requeueing job {job}', 'resumed at', *expected):
         assert line in log, f'{line!r} missing:\n{log[-4000:]}'
     assert '"nimg": 1600' in jsonl.read_text()

@@ -1,6 +1,7 @@
 """`launch.py --cluster slurm` on a real single-node Slurm (scripts/slurm_testbed.sh): a 2-task job trains the toy
-to completion; a real preemption (a job in the `high` partition) makes it save collectively, requeue itself and
-finish with the same parameters as an uninterrupted local run."""
+to completion; a real preemption (a job in the `high` partition: stock Slurm sends SIGTERM, then SIGKILL after the
+partition's GraceTime) makes it save collectively and requeue itself; it finishes with the same parameters as an
+uninterrupted local run."""
 
 import json
 import os
@@ -57,10 +58,10 @@ def test_preempted_slurm_run_requeues_and_matches_local_run(slurm_cluster, tmp_p
     wait_for(preemptor.done, 120, 'the preempting job', preemptor)
     wait_for(job.done, 300, 'the requeued run to finish', job)
     log = (job.stdout() or '') + (job.stderr() or '')
-    for line in ('received SIGUSR2', 'checkpoint committed', f'requeueing job {job.job_id}', 'resumed at'):
+    for line in ('received SIGTERM', 'checkpoint committed', f'requeueing job {job.job_id}', 'resumed at'):
         assert line in log, f'{line!r} missing from the job log:\n{log[-4000:]}'
     print('\n'.join(line for line in log.splitlines()
-                    if any(s in line for s in ('SIGUSR2', 'committed', 'requeue', 'resumed', 'done in'))))
+                    if any(s in line for s in ('SIGTERM', 'committed', 'requeue', 'resumed', 'done in'))))
     print(f'slurm run with one preemption finished {time.monotonic() - t0:.0f} s after submission')
     a = torch.load(tmp_path / 'local' / 'generator.pt', weights_only=True)['state_dict']
     b = torch.load(run_dir / 'generator.pt', weights_only=True)['state_dict']
