@@ -230,6 +230,7 @@ def load_state(layout: Layout, specs: Sequence[Spec], read_range: Callable[[str,
     read = [tuple(x // ITEM for x in rank_range(layout.total, r, world)) for r in range(world)]  # global elements
     held = gather_object([tuple(w) for w in wants])                                       # every rank's wants
     base = [layout.tensors[key][0] // ITEM for key, _ in specs]
+    own = lo // ITEM                                     # the first global element of `mine`
 
     def piece(i: int, reader: int, holder: int) -> Range | None:
         """The global elements of tensor i that `reader` read and `holder` holds."""
@@ -239,7 +240,6 @@ def load_state(layout: Layout, specs: Sequence[Spec], read_range: Callable[[str,
     for chunk in _chunks(specs):
         sends = [[p for i in chunk if (p := piece(i, rank, q))] for q in range(world)]
         gets = [[piece(i, s, rank) for i in chunk] for s in range(world)]
-        own = read[rank][0]
         outgoing = torch.cat([mine[a - own:b - own] for q in sends for a, b in q] + [torch.empty(0)]).to(device)
         incoming = outgoing
         if world > 1:
