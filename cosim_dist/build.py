@@ -13,7 +13,7 @@ import tempfile
 import torch
 from omegaconf import OmegaConf
 
-from . import cosim
+from . import cosim, distributed
 from .checkpoint import CheckpointManager
 from .config import Config, ConfigError, batch_layout, config_hash, save_config
 from .distributed import DistEnv, check_store_reachable, gather_object
@@ -129,6 +129,8 @@ def toy_teacher_path(cfg: Config) -> pathlib.Path:
     return pathlib.Path(cfg.run.root) / '_cache' / f'toy-teacher-{key}.pt'
 
 def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> torch.nn.Module:
+    """The official teacher (each rank loads it), or the toy teacher: pretrained (or reused from its cache) by rank 0,
+    then shared with every rank (collective where a process group is up)."""
     if cfg.model.teacher is not None:
         if missing_local(cfg.model.teacher):
             raise ConfigError(f'teacher checkpoint model.teacher={cfg.model.teacher} does not exist: download the '
@@ -138,18 +140,18 @@ def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> tor
         raise ConfigError(f'model.teacher is not set for model.arch={cfg.model.arch!r}: download the official '
                           f'checkpoint and pass model.teacher=PATH (or s3://...)')
     path = toy_teacher_path(cfg)
-    if path.is_file() and not retrain:
+    if distributed.rank() == 0 and path.is_file() and not retrain:
         log.info(f'reusing cached toy teacher {path}')
-        return load_snapshot(path)[0].to(device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.run.seed)
-    net = new_network(cfg).to(device)
-    stream = make_stream(cfg, cfg.pretrain.batch, seed=cfg.run.seed + 1)
-    teacher = pretrain_teacher(net, stream, cfg.pretrain, cfg.model.sigma_data, cfg.run.seed,
-                               make_logger(cfg, 'pretrain'))
-    save_snapshot(path, teacher)
-    log.info(f'toy teacher saved to {path}')
-    return teacher
+    elif distributed.rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.run.seed)
+        net = new_network(cfg).to(device)
+        stream = make_stream(cfg, cfg.pretrain.batch, seed=cfg.run.seed + 1)
+        save_snapshot(path, pretrain_teacher(net, stream, cfg.pretrain, cfg.model.sigma_data, cfg.run.seed,
+                                             make_logger(cfg, 'pretrain')))
+        log.info(f'toy teacher saved to {path}')
+    distributed.share_file(path)                        # rank 0's teacher on every node's disk (run.root may be local)
+    return load_snapshot(path)[0].to(device)
 
 #----------------------------------------------------------------------------
 # Distillation (Eq. L1).

@@ -114,6 +114,10 @@ class CheckpointConfig:
     staging: str | None = None
     keep: int = 2                    # committed checkpoints to retain
     async_upload: bool = True        # upload in a background thread while training continues
+    # seconds a stop-save (after USR2 or SIGTERM) may take to commit; past it, rank 0 of a Slurm job requeues the job
+    # anyway (the run resumes from the previous commit) rather than be killed at its time limit and not requeued.
+    # Keep it below the launcher's --signal-delay-s and the partition's GraceTime
+    stop_budget_s: float = 90.0
 
 @dataclasses.dataclass
 class EngineConfig:
@@ -124,6 +128,8 @@ class EngineConfig:
     compile: str = 'none'
     channels_last: bool = False      # NHWC memory format for the networks (faster bf16 convolutions on GPUs)
     checkpointing: bool = False      # activation checkpointing of every residual block of G and aux (memory option)
+    timeout_min: float = 30.0        # a collective (NCCL / gloo) that waits longer for a peer fails on this rank, and
+                                     # the job with it: a hung or dead rank ends the run instead of holding the nodes
 
 @dataclasses.dataclass
 class TeacherConfig:

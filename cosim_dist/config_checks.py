@@ -74,7 +74,9 @@ def validate(cfg: Any) -> None:
                              'schedule.rho', 'schedule.ratio', 'checkpoint.keep', 'train.batch', 'train.kimg',
                              'pretrain.batch', 'eval.num_samples', 'eval.batch', 'eval.heun_steps',
                              'train.aux_steps_per_gen', 'eval.chunk', 'eval.decode_batch',
-                             'data.gmm.noise_std', 'generate.steps', 'eval.quick_samples'), lambda v: v > 0, '> 0'),
+                             'data.gmm.noise_std', 'generate.steps', 'eval.quick_samples', 'engine.timeout_min',
+                             'checkpoint.stop_budget_s'),
+                            lambda v: v > 0, '> 0'),
                            (('data.gmm.classes', 'data.gmm.components', 'data.gmm.rank'), lambda v: v >= 1, '>= 1'),
                            (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
                            (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim', 'eval.every_kimg'),
@@ -132,10 +134,9 @@ def generate_problems(g: Any, label_dim: int) -> list[str]:
         problems.append('generate.png=false and generate.npz=false would write nothing: enable one of them')
     return problems
 
-def readiness(cfg: Any) -> list[str]:
-    """What a launch needs beyond valid values: every required input set and every local file present (objects in a
-    store are checked when read). Checked by launch.py before any work starts and before a Slurm submission."""
-    e, problems = cfg.eval, []
+def required_inputs(cfg: Any) -> dict[str, str]:
+    """The input files a launch reads, {config key: what it is} (the key's value may still be unset)."""
+    e = cfg.eval
     teacher_used = cfg.task in ('train', 'default') or (cfg.task == 'eval' and {'heun', 'dpm'} & set(e.samplers))
     needed = {'model.teacher': f'the official checkpoint of model.arch={cfg.model.arch}'} \
         if teacher_used and (cfg.model.arch != 'toy' or cfg.model.teacher is not None) else {}
@@ -147,19 +148,57 @@ def readiness(cfg: Any) -> list[str]:
             needed['eval.vae'] = 'a local diffusers AutoencoderKL directory (stabilityai/sd-vae-ft-mse)'
     if cfg.task == 'eval' and 'cosim' in e.samplers and e.generator is not None:
         needed['eval.generator'] = 'the distilled generator'
-    for key, what in needed.items():
+    return needed
+
+def reads_data(cfg: Any) -> bool:
+    return cfg.data.kind == 'shards' and cfg.task not in ('bench', 'eval', 'generate')
+
+def readiness(cfg: Any) -> list[str]:
+    """What a launch needs beyond valid values: every required input set and every local file present (objects in a
+    store: `store_readiness`). Checked by launch.py before any work starts and before a Slurm submission."""
+    problems = []
+    for key, what in required_inputs(cfg).items():
         value = lookup(cfg, key)
         if value is None:
             problems.append(f'{key} is required for task={cfg.task}: set it to {what}')
         elif missing_local(value):
             problems.append(f'{key}={value} does not exist: download or copy {what} there, or fix the path')
-    reads_data = cfg.data.kind == 'shards' and cfg.task not in ('bench', 'eval', 'generate')
-    if reads_data and cfg.data.path and missing_local(cfg.data.path):
+    if reads_data(cfg) and cfg.data.path and missing_local(cfg.data.path):
         problems.append(f'data.path={cfg.data.path} does not exist: build the shards with cosim-make-shards')
     if cfg.logging.wandb == 'online' and not wandb_logged_in():
         problems.append('logging.wandb=online needs a wandb login: run `wandb login` (or set WANDB_API_KEY), '
                         'or use logging.wandb=offline')
     return problems
+
+def store_readiness(cfg: Any) -> list[str]:
+    """The s3:// inputs present and the s3:// checkpoint store reachable, one problem per key (network calls: checked
+    before a Slurm submission, so that a job never waits in the queue only to fail on a missing object)."""
+    from .shards import MANIFEST
+    from .storage import open_store, parse_url
+    inside = {'eval.vae': 'config.json', 'data.path': MANIFEST}     # directories: the file that must be in them
+    keys = [*required_inputs(cfg), *(['data.path'] if reads_data(cfg) else [])]
+    checks = {k: f'{str(lookup(cfg, k)).rstrip("/")}/{inside[k]}' if k in inside else lookup(cfg, k) for k in keys
+              if lookup(cfg, k) is not None}
+    problems = []
+    for key, url in checks.items():
+        if parse_url(url)[0] != 's3':
+            continue
+        parent, _, name = str(url).rstrip('/').rpartition('/')
+        try:
+            if not open_store(parent).exists(name):
+                problems.append(f'{key}={lookup(cfg, key)} does not exist ({url} not found): upload it or fix the URL')
+        except Exception as e:   # botocore: no endpoint, no credentials, access denied, no such bucket
+            problems.append(f'{key}={lookup(cfg, key)} cannot be read: {unreachable(e)}')
+    if cfg.checkpoint.url and parse_url(cfg.checkpoint.url)[0] == 's3':
+        try:
+            open_store(cfg.checkpoint.url).list('latest')
+        except Exception as e:
+            problems.append(f'checkpoint.url={cfg.checkpoint.url} cannot be listed: {unreachable(e)}')
+    return problems
+
+def unreachable(e: Exception) -> str:
+    return (f'{type(e).__name__}: {e}; check the bucket name, storage.endpoint_url and the credentials '
+            f'(AWS_* variables or storage.profile)')
 
 def wandb_logged_in() -> bool:
     """Whether wandb has credentials (WANDB_API_KEY, netrc or its settings): no prompt, no network."""

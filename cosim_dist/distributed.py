@@ -4,6 +4,7 @@ A partially set environment is an error that lists what is missing."""
 import dataclasses
 import datetime
 import os
+import pathlib
 import re
 import socket
 import subprocess
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from .config import ConfigError
-from .storage import parse_url
+from .storage import parse_url, write_atomic
 
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 SLURM_VARS = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID', 'SLURM_JOB_NODELIST', 'SLURM_JOB_ID')
@@ -139,6 +140,20 @@ def rank_max(value: int) -> int:
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (the step-boundary agreement for preemption)."""
     return bool(rank_max(int(flag)))
+
+def rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+def share_file(path: pathlib.Path) -> None:
+    """Collective: rank 0's `path` is written at the same path on every rank that lacks that content (ranks on other
+    nodes see their own disk: a file rank 0 wrote is not theirs until they receive it)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    box = [path.read_bytes() if rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if rank() != 0 and not (path.is_file() and path.read_bytes() == box[0]):
+        write_atomic(path, lambda tmp: tmp.write_bytes(box[0]))
 
 def gather_object(obj) -> list:
     """Every rank's `obj` (picklable), in rank order, on every rank."""

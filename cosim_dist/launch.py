@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--signal-delay-s', type=int, default=120,
                         help='USR2 this long before the time limit (one step + a save + its upload)')
     parser.add_argument('--cpu-ranks', action='store_true', help='allow a real model on CPU ranks (no GPUs)')
+    parser.add_argument('--job-dir', default=None,
+                        help='job files and logs, on a filesystem every node shares (default: <run_dir>/slurm)')
     parser.add_argument('--partition', default=None, help='Slurm partition')
     parser.add_argument('--account', default=None, help='Slurm account')
     parser.add_argument('--qos', default=None, help='Slurm QOS')
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                                    tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
                                    exclusive=args.exclusive, partition=args.partition, account=args.account,
                                    qos=args.qos, timeout_min=args.timeout_min, signal_delay_s=args.signal_delay_s,
-                                   cpu_ranks=args.cpu_ranks)
+                                   cpu_ranks=args.cpu_ranks, job_dir=args.job_dir)
             batch_layout(cfg.train, args.nodes * options.tasks)
             submit(cfg, options, args.overrides, dry_run=args.dry_run)
             if args.dry_run:

@@ -22,7 +22,8 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     env = env or distributed.discover()
     storage.configure(cfg.storage)                         # one S3 configuration for every s3:// URL of the run
     try:
-        device = distributed.init(env, cfg.run.device, always_group=cfg.engine.backend == 'deepspeed')
+        device = distributed.init(env, cfg.run.device, always_group=cfg.engine.backend == 'deepspeed',
+                                  timeout_s=cfg.engine.timeout_min * 60)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     batch_layout(cfg.train, env.world_size)
@@ -32,8 +33,7 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
     log.info(f'task={cfg.task} run_dir={run_dir} device={device} world_size={env.world_size}')
     t0 = time.time()
     if cfg.task == 'pretrain':
-        if env.rank == 0:
-            get_teacher(cfg, device, retrain=True)
+        get_teacher(cfg, device, retrain=True)
         return None
     if cfg.task == 'bench':
         run_bench(cfg, device, env)
@@ -46,11 +46,7 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
                                                            noise_range(cfg), make_logger(cfg, 'eval', env.rank))
     if cfg.task == 'eval' and real:
         return evaluate_real(lambda: get_teacher(cfg, device))
-    if env.rank == 0:
-        teacher = get_teacher(cfg, device)
-    distributed.barrier()
-    if env.rank != 0:
-        teacher = get_teacher(cfg, device)                 # the toy teacher is cached by rank 0 by now
+    teacher = get_teacher(cfg, device)
     if cfg.task in ('train', 'default'):
         snapshot = Snapshots(cfg, device, env, real) if cfg.eval.every_kimg > 0 else None
         G = distil(cfg, teacher, device, env, should_stop, snapshot)

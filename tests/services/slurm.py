@@ -1,8 +1,10 @@
-"""The single-node Slurm testbed (scripts/slurm_testbed.sh) for tests: availability checks and a session set-up.
+"""The Slurm testbed (scripts/slurm_testbed.sh) for tests: availability checks and a session set-up.
 
-The testbed is a real Slurm 22.05 from Debian packages (slurmctld, slurmd, slurmdbd on mariadb, munge) with a
-preemptible partition `low` (default) and a preempting partition `high`; the node declares 4 CPUs. Starting it needs
-root (apt-get install on first use, system daemons). Usage from conftest.py:
+The testbed is a real Slurm 22.05 from Debian packages (slurmctld, slurmd, slurmdbd on mariadb, munge) of two nodes on
+this machine, each a slurmd in its own network, UTS and mount namespaces (own address and hostname, own /scratch), with
+a preemptible partition `low` (default) and a preempting partition `high`; each node declares 4 CPUs. A job's
+processes reach the host (S3) at the bridge address `addr`. Starting it needs root (apt-get install on first use,
+system daemons). Usage from conftest.py:
     @pytest.fixture(scope='session')
     def slurm_cluster():
         yield from load_helper('services/slurm.py').testbed_session()
@@ -26,12 +28,19 @@ import pytest
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / 'scripts' / 'slurm_testbed.sh'
 PACKAGES = ('slurmctld', 'slurmd', 'slurm-client', 'munge', 'slurmdbd', 'mariadb-server')
 
+NODES = ('node1', 'node2')      # scripts/slurm_testbed.sh's default (SLURM_TESTBED_NODES=2)
+
 @dataclasses.dataclass(frozen=True)
 class SlurmTestbed:
-    node: str                   # node name (= `hostname -s`), resolvable: submitit uses it as MASTER_ADDR
-    cpus: int = 4               # CPUs the node declares (whatever the machine has)
+    nodes: tuple[str, ...] = NODES  # node names (each its own hostname, resolvable to its own address)
+    addr: str = '10.77.0.1'     # the host (controller) as the nodes reach it: services for jobs listen here
+    cpus: int = 4               # CPUs each node declares (whatever the machine has)
     low: str = 'low'            # default partition, PriorityTier=1, GraceTime=30, preempted jobs are requeued
-    high: str = 'high'          # PriorityTier=10: a job here that needs every CPU preempts the jobs in `low`
+    high: str = 'high'          # PriorityTier=10: a job here that needs every CPU of a node preempts `low` jobs there
+
+    def scratch(self, node: str) -> pathlib.Path:
+        """The node's private /scratch, as the host sees it (a job on another node cannot)."""
+        return pathlib.Path('/var/lib/slurm-testbed') / node / 'scratch'
 
 def _truthy(name: str) -> bool:
     return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')
@@ -63,14 +72,15 @@ def _controller_listening(timeout: float = 1.0) -> bool:
         return False
 
 def slurm_available() -> bool:
-    """True if a Slurm controller answers here and has the testbed's partitions `low` and `high`."""
+    """True if a Slurm controller answers here with the testbed's nodes and its partitions `low` and `high`."""
     if shutil.which('sinfo') is None or not _controller_listening():
         return False
     try:
-        out = _run(['sinfo', '-h', '-o', '%R'], timeout=10)
+        out = _run(['sinfo', '-h', '-N', '-o', '%N %R'], timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return out.returncode == 0 and {'low', 'high'} <= set(out.stdout.split())
+    pairs = {tuple(line.split()) for line in out.stdout.splitlines()}
+    return out.returncode == 0 and {(n, p) for n in NODES for p in ('low', 'high')} <= pairs
 
 def _packages_installed() -> bool:
     try:
@@ -107,7 +117,7 @@ def stop(timeout: float = 120) -> None:
 def testbed_session() -> Iterator[SlurmTestbed]:
     """Generator for a session-scoped fixture: make sure the testbed runs, yield it, stop it if this session started it.
     Skips (outside CI) where it cannot run; raises where it should run but does not start."""
-    testbed = SlurmTestbed(node=socket.gethostname().split('.')[0])
+    testbed = SlurmTestbed()
     started = False
     if not slurm_available():
         reason = cannot_start_reason()
