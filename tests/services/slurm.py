@@ -14,6 +14,7 @@ only if this session started it (SLURM_TESTBED_KEEP=1 leaves it running).
 """
 
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -21,7 +22,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -41,6 +42,56 @@ class SlurmTestbed:
     def scratch(self, node: str) -> pathlib.Path:
         """The node's private /scratch, as the host sees it (a job on another node cannot)."""
         return pathlib.Path('/var/lib/slurm-testbed') / node / 'scratch'
+
+    def progress(self, run: str) -> int:
+        """A run's latest nimg (run: its directory under /scratch), from train.jsonl on whichever node rank 0 ran."""
+        best = 0
+        for node in self.nodes:
+            path = self.scratch(node) / run / 'train.jsonl'
+            lines = path.read_text().splitlines() if path.exists() else []
+            best = max([best] + [json.loads(line)['nimg'] for line in lines[-1:]])
+        return best
+
+    def preempt(self) -> None:
+        """A job in `high` that needs every CPU of every node: Slurm preempts the `low` jobs."""
+        subprocess.run(['sbatch', f'--partition={self.high}', f'--nodes={len(self.nodes)}', '--ntasks-per-node=1',
+                        f'--cpus-per-task={self.cpus}', '--time=5',
+                        '--output=/dev/null', '--wrap', 'sleep 2'], check=True, capture_output=True)
+
+    @staticmethod
+    def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+                 log: Callable[[], str] = lambda: '') -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                pytest.fail(f'timed out after {timeout} s waiting for {what}\n{log()[-5000:]}')
+            time.sleep(0.25)
+
+    @staticmethod
+    def job_state(job: str) -> str:
+        """squeue's state of the job ('' once Slurm forgets it)."""
+        return subprocess.run(['squeue', '-h', '-j', job, '-o', '%T'], capture_output=True, text=True).stdout.strip()
+
+    @staticmethod
+    def hit_time_limit(job: str) -> None:
+        """Shorten the job's limit so that Slurm's own time-limit signal (USR2, 120 s before the end: the launchers'
+        default) is due now: it comes at slurmctld's next time-limit check (every 30 s), >= 60 s before the end."""
+        runtime = subprocess.run(['squeue', '-h', '-j', job, '-o', '%M'], capture_output=True, text=True).stdout
+        parts = reversed([int(p) for p in re.split('[-:]', runtime.strip())])
+        seconds = sum(v * m for v, m in zip(parts, (1, 60, 3600, 86400)))
+        subprocess.run(['scontrol', 'update', f'JobId={job}', f'TimeLimit={(seconds + 120) // 60}'], check=True)
+
+    def stop_three_times(self, job: str, run: str, log: Callable[[], str], steps: int = 320) -> None:
+        """Preempt the job twice, then let its time limit stop it, each time once it trained `steps` images more, and
+        wait until rank 0 requeued it (`log`: the job's output so far)."""
+        for stop in ('preemption', 'preemption', 'time limit'):
+            start, n = self.progress(run), log().count(f'requeueing job {job}')
+            self.wait_for(lambda: self.progress(run) >= start + steps and self.job_state(job) == 'RUNNING', 300,
+                          f'progress before the {stop}', log)
+            self.preempt() if stop == 'preemption' else self.hit_time_limit(job)
+            self.wait_for(lambda: log().count(f'requeueing job {job}') > n, 120, f'the requeue after the {stop}', log)
+            if stop == 'time limit':
+                subprocess.run(['scontrol', 'update', f'JobId={job}', 'TimeLimit=20'], check=True)
 
 def _truthy(name: str) -> bool:
     return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')

@@ -1,5 +1,5 @@
-"""Proof that the single-node Slurm testbed (scripts/slurm_testbed.sh) does what the launcher tests rely on, with
-submitit only: multi-task jobs, a real preemption by a job in the `high` partition with Slurm's stock semantics
+"""Proof that the Slurm testbed (scripts/slurm_testbed.sh) does what the launcher tests rely on, with submitit only:
+multi-task jobs, two nodes with their own hostnames, addresses and private /scratch, a real preemption by a job in the `high` partition with Slurm's stock semantics
 (SIGTERM to the tasks, `PreemptTime` set during the GraceTime, and a job that exits inside it is recorded COMPLETED:
 nothing requeues it but the job itself) and `scontrol requeue` of a running job. No project code is involved."""
 
@@ -24,6 +24,14 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def task_rank() -> tuple[int, int, str]:
     return int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS']), os.environ['SLURM_JOB_PARTITION']
+
+def node_facts(tag: str) -> tuple[str, str, list[str]]:
+    """This task's hostname, the address it resolves to, and what it sees in /scratch after writing its own file."""
+    import socket
+    host = socket.gethostname()
+    pathlib.Path(f'/scratch/{tag}-{host}').write_text(host)
+    time.sleep(1)                                               # both tasks have written before either lists
+    return host, socket.gethostbyname(host), sorted(p.name for p in pathlib.Path('/scratch').glob(f'{tag}-*'))
 
 def sleep_and_return(seconds: float) -> str:
     time.sleep(seconds)
@@ -138,8 +146,21 @@ def test_two_tasks(slurm_cluster, tmp_path, cancel_leftovers):
     assert sorted(job.results()) == [(0, 2, 'low'), (1, 2, 'low')]
     print(f'2-task job {job.job_id} done in {time.monotonic() - t0:.1f} s')
 
+def test_two_nodes_have_own_hosts_addresses_and_scratch(slurm_cluster, tmp_path, cancel_leftovers):
+    tag = tmp_path.name
+    job = _executor(tmp_path / 'jobs', nodes=2, timeout_min=5).submit(node_facts, tag)
+    cancel_leftovers.append(job)
+    _wait_done(job, timeout=60)
+    facts = sorted(job.results())
+    assert [f[0] for f in facts] == list(slurm_cluster.nodes)
+    assert len({f[1] for f in facts}) == 2 and all(f[1].startswith('10.77.0.') for f in facts), facts
+    for host, _, seen in facts:                                 # each node sees only its own file
+        assert seen == [f'{tag}-{host}'], facts
+        assert (slurm_cluster.scratch(host) / f'{tag}-{host}').read_text() == host
+    assert not list(pathlib.Path('/scratch').glob(f'{tag}-*'))   # nor does the host
+
 def test_preemption_sends_sigterm_and_does_not_requeue_a_job_that_exits(slurm_cluster, tmp_path, cancel_leftovers):
-    """A job in `high` needing every CPU preempts the `low` job: its task gets SIGTERM while `scontrol show job` shows a
+    """A job in `high` needing every CPU of every node preempts the `low` job: its task gets SIGTERM while `scontrol show job` shows a
     PreemptTime; the task exits at once and the job ends COMPLETED, not requeued (launchers/signals.py relies on
     both facts)."""
     work = tmp_path / 'work'
@@ -149,14 +170,14 @@ def test_preemption_sends_sigterm_and_does_not_requeue_a_job_that_exits(slurm_cl
     cancel_leftovers.append(low)
     _wait_for(lambda: _progress(work) >= 3, 60, 'the low job to count 3 steps', jobs=[low])
     high = _executor(tmp_path / 'jobs', slurm_partition=slurm_cluster.high, cpus_per_task=slurm_cluster.cpus,
-                     timeout_min=5).submit(sleep_and_return, 2.0)
+                     nodes=len(slurm_cluster.nodes), timeout_min=5).submit(sleep_and_return, 2.0)
     cancel_leftovers.append(high)
     t_high = time.monotonic()
     _wait_for(lambda: _lines(work / 'signals'), 30, 'SIGTERM in the preempted low job', jobs=[low, high])
     t_signal = time.monotonic()
     _wait_done(low, timeout=60)
     _wait_done(high, timeout=60)
-    assert high.result() == f'{slurm_cluster.high}:{slurm_cluster.cpus}'
+    assert high.results() == [f'{slurm_cluster.high}:{slurm_cluster.cpus}'] * len(slurm_cluster.nodes)
     (line,) = _lines(work / 'signals')
     assert line.startswith('SIGTERM PreemptTime=') and 'PreemptTime=None' not in line, line
     assert low.result() < 120 and _sacct_states(low.job_id) == ['COMPLETED'], _sacct_states(low.job_id)
