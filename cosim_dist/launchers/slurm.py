@@ -31,9 +31,9 @@ class SlurmOptions:
     timeout_min: int = 60 * 24       # wall-clock limit per allocation; the run requeues itself when it is reached
     signal_delay_s: int = 120        # USR2 this long before the limit: must cover one step, a save and the upload
     cpu_ranks: bool = False          # allow a real model on CPU ranks (gpus_per_node 0)
-    job_dir: str | None = None       # submitit's folder (the pickled task, the job logs): on a filesystem the login node
-                                     # and every node share (home); default <run_dir>/slurm. run.root itself may be
-                                     # node-local when checkpoint.url is s3://
+    job_dir: str | None = None       # submitit's folder (the pickled task, the job logs): on a filesystem the login
+                                     # node and every node share (home); default <run_dir>/slurm. run.root itself may
+                                     # be node-local when checkpoint.url is s3://
 
     @property
     def tasks(self) -> int:

@@ -86,10 +86,11 @@ class SlurmTestbed:
         wait until rank 0 requeued it (`log`: the job's output so far)."""
         for stop in ('preemption', 'preemption', 'time limit'):
             start, n = self.progress(run), log().count(f'requeueing job {job}')
-            self.wait_for(lambda: self.progress(run) >= start + steps and self.job_state(job) == 'RUNNING', 300,
+            self.wait_for(lambda s=start: self.progress(run) >= s + steps and self.job_state(job) == 'RUNNING', 300,
                           f'progress before the {stop}', log)
             self.preempt() if stop == 'preemption' else self.hit_time_limit(job)
-            self.wait_for(lambda: log().count(f'requeueing job {job}') > n, 120, f'the requeue after the {stop}', log)
+            self.wait_for(lambda n=n: log().count(f'requeueing job {job}') > n, 120, f'the requeue after the {stop}',
+                          log)
             if stop == 'time limit':
                 subprocess.run(['scontrol', 'update', f'JobId={job}', 'TimeLimit=20'], check=True)
 

@@ -1,7 +1,8 @@
 """Proof that the Slurm testbed (scripts/slurm_testbed.sh) does what the launcher tests rely on, with submitit only:
-multi-task jobs, two nodes with their own hostnames, addresses and private /scratch, a real preemption by a job in the `high` partition with Slurm's stock semantics
-(SIGTERM to the tasks, `PreemptTime` set during the GraceTime, and a job that exits inside it is recorded COMPLETED:
-nothing requeues it but the job itself) and `scontrol requeue` of a running job. No project code is involved."""
+multi-task jobs, two nodes with their own hostnames, addresses and private /scratch, a real preemption by a job in
+the `high` partition with Slurm's stock semantics (SIGTERM to the tasks, `PreemptTime` set during the GraceTime, and
+a job that exits inside it is recorded COMPLETED: nothing requeues it but the job itself) and `scontrol requeue` of a
+running job. No project code is involved."""
 
 import os
 import pathlib
@@ -160,9 +161,9 @@ def test_two_nodes_have_own_hosts_addresses_and_scratch(slurm_cluster, tmp_path,
     assert not list(pathlib.Path('/scratch').glob(f'{tag}-*'))   # nor does the host
 
 def test_preemption_sends_sigterm_and_does_not_requeue_a_job_that_exits(slurm_cluster, tmp_path, cancel_leftovers):
-    """A job in `high` needing every CPU of every node preempts the `low` job: its task gets SIGTERM while `scontrol show job` shows a
-    PreemptTime; the task exits at once and the job ends COMPLETED, not requeued (launchers/signals.py relies on
-    both facts)."""
+    """A job in `high` needing every CPU of every node preempts the `low` job: its task gets SIGTERM while `scontrol
+    show job` shows a PreemptTime; the task exits at once and the job ends COMPLETED, not requeued
+    (launchers/signals.py relies on both facts)."""
     work = tmp_path / 'work'
     work.mkdir()
     t0 = time.monotonic()
