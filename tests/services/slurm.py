@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / 'scripts' / 'slurm_testbed.sh'
-PACKAGES = ('slurmctld', 'slurmd', 'slurm-client', 'munge', 'slurmdbd', 'mariadb-server')
+PACKAGES = ('slurmctld', 'slurmd', 'slurm-client', 'munge', 'slurmdbd', 'mariadb-server', 'iproute2')
 
 NODES = ('node1', 'node2')      # scripts/slurm_testbed.sh's default (SLURM_TESTBED_NODES=2)
 
