@@ -26,7 +26,7 @@ from .pretrain import pretrain_teacher
 from .resume import resume_fingerprint
 from .storage import ObjectStore, missing_local, open_store, parse_url
 from .teacher_io import arch_name, load_network, load_snapshot, save_snapshot
-from .toy import GMMStream, GMMWorld
+from .toy import ExactDenoiser, GMMStream, GMMWorld
 from .trainer import Trainer
 
 #----------------------------------------------------------------------------
@@ -128,6 +128,11 @@ def toy_teacher_path(cfg: Config) -> pathlib.Path:
     key = config_hash(cfg.model)[:6] + config_hash(cfg.data.gmm)[:6] + config_hash(cfg.pretrain)[:6]
     return pathlib.Path(cfg.run.root) / '_cache' / f'toy-teacher-{key}.pt'
 
+def denoiser(cfg: Config, teacher: torch.nn.Module) -> torch.nn.Module:
+    """D_phi of Eqs. A1 / G1 and the teacher baselines: the teacher network, or with teacher.kind=exact the toy
+    world's closed-form denoiser."""
+    return ExactDenoiser(make_world(cfg)) if cfg.teacher.kind == 'exact' else teacher
+
 def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> torch.nn.Module:
     """The official teacher (each rank loads it), or the toy teacher: pretrained (or reused from its cache) by rank 0,
     then shared with every rank (collective where a process group is up)."""
@@ -212,8 +217,12 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
     batch_gpu, _ = batch_layout(t, env.world_size)
     schedule = cosim.TimeSchedule(ratio=s.ratio, r_lo=s.r_lo, sigma_s_max=s.sigma_s_max, noise=noise_range(cfg))
     g_engine, aux_engine = make_engine(cfg, G, t.lr_g, env), make_engine(cfg, aux, t.lr_aux, env)
-    teacher = prepare_network(place_teacher(teacher, cfg.teacher, device, env.world_size), e, trained=False)
-    for net in (g_engine.module, aux_engine.module, teacher):
+    if cfg.teacher.kind == 'exact':
+        teacher = denoiser(cfg, teacher)
+    else:
+        teacher = prepare_network(place_teacher(teacher, cfg.teacher, device, env.world_size), e, trained=False)
+        compile_network(teacher, e.compile)
+    for net in (g_engine.module, aux_engine.module):
         compile_network(net, e.compile)
     return Trainer(teacher=teacher, g_engine=g_engine, aux_engine=aux_engine,
                    data=data or make_stream(cfg, batch_gpu, cfg.run.seed + 2, env), schedule=schedule, train=t,

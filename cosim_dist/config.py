@@ -133,6 +133,10 @@ class EngineConfig:
 
 @dataclasses.dataclass
 class TeacherConfig:
+    # network: the teacher network is D_phi (model.teacher, or the learned toy teacher) | exact (toy world only): the
+    # closed-form GMM denoiser E[x0 | x_sigma, c] is D_phi in Eqs. A1 and G1 and in the Heun / DPM baselines, while G
+    # and the auxiliary still start from the learned toy teacher's weights (teacher error apart from the algorithm's)
+    kind: str = 'network'
     precision: str = 'auto'          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     offload: str = 'none'            # none | cpu (ZeRO-3 inference engine with parameters in host memory)
 

@@ -37,6 +37,7 @@ CHOICES = {
     'engine.backend': ('torch', 'deepspeed'),
     'engine.zero_stage': (0, 1, 2, 3),
     'engine.precision': ('fp32', 'bf16'),
+    'teacher.kind': ('network', 'exact'),
     'engine.compile': ('none', 'default', 'reduce-overhead', 'max-autotune'),
     'teacher.precision': ('auto', 'bf16', 'fp32'),
     'teacher.offload': ('none', 'cpu'),
@@ -101,6 +102,9 @@ def validate(cfg: Any) -> None:
     if cfg.engine.compile != 'none' and (cfg.engine.zero_stage == 3 or cfg.teacher.offload == 'cpu'):
         problem(f'engine.compile={cfg.engine.compile} does not combine with ZeRO-3 parameter partitioning '
                 f'(engine.zero_stage=3 or teacher.offload=cpu): use engine.compile=none or ZeRO stage <= 2')
+    if cfg.teacher.kind == 'exact' and (cfg.data.kind != 'gmm' or cfg.model.teacher is not None):
+        problem('teacher.kind=exact is the toy world\'s closed-form denoiser: it needs data=gmm (data.kind=gmm) and '
+                'no model.teacher; use teacher.kind=network for a real teacher')
     if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
         problem('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: set engine.backend=deepspeed')
     problems += generate_problems(cfg.generate, cfg.model.label_dim) + cfg.storage.problems()

@@ -5,7 +5,7 @@ import time
 
 from . import distributed, storage
 from .bench import run_bench
-from .build import distil, get_teacher, make_logger, noise_range, prepare_run_dir, record_invocation
+from .build import denoiser, distil, get_teacher, make_logger, noise_range, prepare_run_dir, record_invocation
 from .config import Config, ConfigError, batch_layout
 from .config_checks import real_model
 from .distributed import DistEnv
@@ -13,7 +13,7 @@ from .eval.generate import run_generate
 from .eval.real import evaluate_features
 from .eval.results import format_table
 from .eval.snapshots import Snapshots
-from .eval.toy import evaluate_toy
+from .eval.toy import TOY_METRICS, evaluate_toy
 from .logging import log
 from .teacher_io import load_snapshot
 
@@ -60,9 +60,9 @@ def run(cfg: Config, env: DistEnv | None = None, should_stop=lambda: False) -> l
         rows = evaluate_real(lambda: teacher)
     elif cfg.task != 'train':
         G = G if G is not None else load_snapshot(run_dir / 'generator.pt')[0].to(device)
-        rows = evaluate_toy(cfg, teacher, G, device, env)
+        rows = evaluate_toy(cfg, denoiser(cfg, teacher), G, device, env)
         if env.rank == 0:
-            print(format_table(rows))
+            print(format_table(rows, TOY_METRICS))
             log.info(f'results in {run_dir / "eval.json"}, samples in {run_dir / "samples.png"}')
     log.info(f'done in {time.time() - t0:.0f} s')
     return rows

@@ -65,8 +65,9 @@ class GMMWorld:
     #   r = x - mu, v = eps^2 + sigma^2,
     # and the component posterior is p(k | x, c) ~ N(x; mu_k, Sigma_k + sigma^2 I) over the components of class c.
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor) -> torch.Tensor:
-        """Exact E[x0 | x_sigma = x, c] for x [n, C, H, W], sigma scalar or [n], labels int64 [n]."""
+    def _terms(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor):
+        """Per component k of each sample's class: Q, a^2, mu, v = eps^2 + sigma^2, r = x - mu, proj = Q^T r, lam =
+        a^2 + v and log N(x; mu_k, Sigma_k + sigma^2 I) (normalised), for x [n, ...] (float64)."""
         n = x.shape[0]
         xf = x.reshape(n, 1, self.dim).to(torch.float64)
         sigma2 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(n).reshape(n, 1)
@@ -79,11 +80,25 @@ class GMMWorld:
         perp2 = r.pow(2).sum(-1) - proj.pow(2).sum(-1)                                           # [n,R]
         lam = a2 + v                                                                             # [n,R,K]
         logp = -0.5 * ((proj ** 2 / lam).sum(-1) + perp2 / v[..., 0] + lam.log().sum(-1)
-                       + (self.dim - self.cfg.rank) * v[..., 0].log())
+                       + (self.dim - self.cfg.rank) * v[..., 0].log() + self.dim * math.log(2 * math.pi))
+        return Q, a2, mu, v, r, proj, lam, logp
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor) -> torch.Tensor:
+        """Exact E[x0 | x_sigma = x, c] for x [n, C, H, W], sigma scalar or [n], labels int64 [n]."""
+        Q, a2, mu, v, r, proj, lam, logp = self._terms(x, sigma, labels)
         w = torch.softmax(logp, dim=1)                                                           # [n,R]
         post = mu + torch.einsum('nrdk,nrk->nrd', Q,
                                  proj * ((a2 + self.eps2) / lam - self.eps2 / v)) + (self.eps2 / v) * r
         return (w.unsqueeze(-1) * post).sum(1).reshape(x.shape).to(x.dtype)
+
+    def components(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For samples x [n, ...] of classes `labels`: the most probable component of the class (index 0..R-1), the
+        sample's coordinates in that component's basis whitened by its true variances, (Q^T (x - mu)) / sqrt(a^2 +
+        eps^2) [n, rank] (N(0, I) for exact samples), and the exact log-likelihood log p(x | c) [n] (float64)."""
+        _, _, _, _, _, proj, lam, logp = self._terms(x, 0.0, labels)
+        k = logp.argmax(1)
+        z = (proj / lam.sqrt())[torch.arange(len(k)), k]
+        return k, z, torch.logsumexp(logp, 1) - math.log(self.cfg.components)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact mean [D] and covariance [D, D] of x0 over the label-marginal mixture (float64)."""
@@ -91,6 +106,21 @@ class GMMWorld:
         second = torch.einsum('ndk,nk,nek->de', self.Q, self.a ** 2, self.Q) / len(self.mu)
         second += torch.eye(self.dim, dtype=torch.float64) * self.eps2 + self.mu.T @ self.mu / len(self.mu)
         return mean, second - torch.outer(mean, mean)
+
+class ExactDenoiser(torch.nn.Module):
+    """The world's closed-form denoiser with a network's call signature, net(x, sigma, class_labels) -> E[x0 | x, c]:
+    the exact D_phi of `teacher.kind=exact` (the same in Eqs. A1, G1 and the teacher baselines). Differentiable in x,
+    as Eq. G1 needs (the generator's gradient flows through D_phi's input)."""
+
+    def __init__(self, world: GMMWorld) -> None:
+        super().__init__()
+        self.world = world
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
+                *_) -> torch.Tensor:
+        labels = class_labels.argmax(1).cpu() if class_labels is not None else torch.zeros(len(x), dtype=torch.long)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
+        return self.world.denoise(x.cpu(), sigma, labels).to(x.device, x.dtype)
 
 #----------------------------------------------------------------------------
 # The toy world as a data stream. Step k of the global stream draws the whole global batch from a generator

@@ -66,3 +66,17 @@ def test_stream_resume_is_exact():
         y, d = b.next_batch()
         assert torch.equal(x, y) and torch.equal(c, d)
     assert not torch.equal(batches[0][0], batches[1][0])
+
+def test_exact_denoiser_is_the_world_posterior_mean_and_differentiable():
+    """teacher.kind=exact: a network-shaped D_phi (one-hot labels, sigma per sample) equal to GMMWorld.denoise, with
+    gradients w.r.t. its input (Eq. G1 back-propagates through D_phi's input)."""
+    from cosim_dist.config import GMMConfig
+    from cosim_dist.toy import ExactDenoiser, GMMWorld
+    world = GMMWorld(GMMConfig(classes=2, components=2, rank=2), resolution=4, channels=1)
+    x0, labels = world.sample(8, torch.Generator().manual_seed(1))
+    sigma = torch.linspace(0.05, 5.0, 8)
+    x = (x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x0)).requires_grad_(True)
+    D = ExactDenoiser(world)(x, sigma.reshape(-1, 1, 1, 1), torch.nn.functional.one_hot(labels, 2).float())
+    assert D.dtype == x.dtype and torch.allclose(D, world.denoise(x.detach(), sigma, labels))
+    D.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

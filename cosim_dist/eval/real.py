@@ -169,14 +169,13 @@ class Pipeline:
     def chunk(self, entry: Entry, seeds: range, accs: dict[str, MomentAccumulator], png: pathlib.Path | None,
               progress: Callable[[int], None]) -> None:
         net = entry.net
-        starts = iter(range(seeds.start, seeds.stop, self.batch))
 
-        def consume(x: torch.Tensor) -> None:
-            images, start = self.decode(x), next(starts)
+        def consume(x: torch.Tensor, part: range) -> None:
+            images = self.decode(x)
             for m in self.metrics:
                 accs[m.name].update(m.net(images))
             if png is not None:
-                save_pngs(images, range(start, start + len(images)), png)
+                save_pngs(images, part, png)
             progress(len(images))
 
         generate(entry.spec, seeds, image_shape(net), net.label_dim, self.batch, self.device, consume)

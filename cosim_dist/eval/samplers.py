@@ -37,13 +37,18 @@ def cosim_spec(G: torch.nn.Module, grid: list[float], name: str = 'CoSIM') -> Sa
     return SamplerSpec(f'{name} K={len(grid)}', len(grid), len(grid) - 1,
                        lambda z, c, n: cosim.cosim_sample(G, z, c, grid, n), list(grid))
 
+def seed_labels(seeds: Sequence[int], label_dim: int) -> torch.Tensor:
+    """The class label of each seed (int64; the first draw of its generator, as in seeded_inputs)."""
+    return torch.stack([torch.randint(max(label_dim, 1), (), generator=torch.Generator().manual_seed(s))
+                        for s in seeds])
+
 def seeded_inputs(seeds: Sequence[int], shape: tuple[int, ...], label_dim: int, extra_draws: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
     """Per-image inputs: image i draws its label, z and re-noising draws from a generator seeded by i."""
     zs, labels, draws = [], [], []
     for seed in seeds:
         gen = torch.Generator().manual_seed(seed)
-        labels.append(torch.randint(max(label_dim, 1), (), generator=gen))
+        labels.append(torch.randint(max(label_dim, 1), (), generator=gen))  # = seed_labels
         zs.append(torch.randn(shape, generator=gen))
         draws.append(torch.randn(extra_draws, *shape, generator=gen))
     c = torch.nn.functional.one_hot(torch.stack(labels), label_dim).float().to(device) if label_dim else None
@@ -62,10 +67,11 @@ def sample(spec: SamplerSpec, seeds: Sequence[int], shape: tuple[int, ...], labe
 
 @torch.no_grad()
 def generate(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], label_dim: int, batch: int,
-             device: torch.device, on_batch: Callable[[torch.Tensor], None]) -> None:
-    """Run a sampler over `seeds` in batches and hand every batch of images to `on_batch`."""
+             device: torch.device, on_batch: Callable[[torch.Tensor, range], None]) -> None:
+    """Run a sampler over `seeds` in batches and hand every batch of images, with its seeds, to `on_batch`."""
     for start in range(seeds.start, seeds.stop, batch):
-        on_batch(sample(spec, range(start, min(start + batch, seeds.stop)), shape, label_dim, device))
+        part = range(start, min(start + batch, seeds.stop))
+        on_batch(sample(spec, part, shape, label_dim, device), part)
 
 def rank_seeds(seeds: range, rank: int, world_size: int) -> range:
     """This rank's contiguous share of the seeds (image i always uses seed i, whatever the world size)."""
@@ -74,13 +80,16 @@ def rank_seeds(seeds: range, rank: int, world_size: int) -> range:
 
 def sampler_moments(spec: SamplerSpec, seeds: range, shape: tuple[int, ...], label_dim: int, batch: int,
                     device: torch.device, progress: Callable[[int], None] = lambda n: None, rank: int = 0,
-                    world_size: int = 1) -> MomentAccumulator:
-    """Pixel-space float64 moments of a sampler's images, generated across ranks and all-reduced."""
+                    world_size: int = 1, also: Callable[[torch.Tensor, range], None] = lambda x, s: None
+                    ) -> MomentAccumulator:
+    """Pixel-space float64 moments of a sampler's images, generated across ranks and all-reduced; `also` sees every
+    batch (images and seeds) as well."""
     acc = MomentAccumulator(int(torch.tensor(shape).prod()))
     seeds = rank_seeds(seeds, rank, world_size)
 
-    def consume(images: torch.Tensor) -> None:
+    def consume(images: torch.Tensor, part: range) -> None:
         acc.update(images.flatten(1))
+        also(images, part)
         progress(images.shape[0])
 
     generate(spec, seeds, shape, label_dim, batch, device, consume)

@@ -26,3 +26,29 @@ def test_samples_png_has_a_padded_cell_per_seed_and_a_label_per_row(tmp_path):
     for r in range(n_rows):                                  # every row's label is drawn in the margin
         top = GRID_PADDING + r * (cell + GRID_PADDING)
         assert (image[top:top + cell, :margin] < 128).any(), r
+
+def stats_of(world, x, labels):
+    from cosim_dist.eval.toy import ComponentStats
+    stats = ComponentStats(world)
+    stats.update(x, labels)
+    return stats.metrics()
+
+def test_component_stats_see_diversity_inside_the_modes():
+    """Exact samples sit at the finite-n floor; samples collapsed to their component means score K on the
+    within-component distance (no spread) while the Frechet distance of the whole mixture barely notices; samples
+    all from one component per class score the component-weight error 1 - 1/R."""
+    from cosim_dist.config import GMMConfig
+    from cosim_dist.toy import GMMWorld
+    world = GMMWorld(GMMConfig(classes=3, components=3, rank=4), resolution=8, channels=1)
+    gen = torch.Generator().manual_seed(0)
+    x, labels = world.sample(6000, gen)
+    exact = stats_of(world, x, labels)
+    assert exact['within_component_fd'] < 0.1 and exact['component_weight_tv'] < 0.05
+    k, _, _ = world.components(x, labels)
+    means = world.mu[labels * 3 + k].reshape(x.shape).float()
+    collapsed = stats_of(world, means, labels)
+    assert abs(collapsed['within_component_fd'] - 4) < 0.05 and collapsed['component_weight_tv'] < 0.05
+    one = world.mu[labels * 3].reshape(x.shape).float() + (x - means)          # every sample moved to component 0
+    single = stats_of(world, one, labels)
+    assert abs(single['component_weight_tv'] - 2 / 3) < 1e-9
+    assert exact['nll_per_dim'] < single['nll_per_dim']                        # off-component samples are unlikely

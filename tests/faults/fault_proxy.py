@@ -37,6 +37,10 @@ class FaultPlan:
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server: '_Server'
+    # A read of the client's request that waits longer gives up and drops the connection (the client retries). Seen
+    # once in CI: a PUT body that stopped short of its Content-Length held this thread and its client (waiting for
+    # the reply) for good.
+    timeout = 30
 
     def log_message(self, *args) -> None:
         pass
