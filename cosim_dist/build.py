@@ -215,7 +215,8 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
     aux = prepare_network(make_auxiliary(G, cfg.aux.t_embed).requires_grad_(True), e, trained=True)
     G = prepare_network(G, e, trained=True)
     batch_gpu, _ = batch_layout(t, env.world_size)
-    schedule = cosim.TimeSchedule(ratio=s.ratio, r_lo=s.r_lo, sigma_s_max=s.sigma_s_max, noise=noise_range(cfg))
+    schedule = cosim.TimeSchedule(ratio=s.ratio, r_lo=s.r_lo, sigma_s_max=s.sigma_s_max, noise=noise_range(cfg),
+                                  kind=s.kind, gen_sigma_s_min=s.gen_sigma_s_min)
     g_engine, aux_engine = make_engine(cfg, G, t.lr_g, env), make_engine(cfg, aux, t.lr_aux, env)
     if cfg.teacher.kind == 'exact':
         teacher = denoiser(cfg, teacher)

@@ -72,9 +72,13 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ScheduleConfig:
+    # Eq. T1's reading of the gap (under study, docs/ALGORITHM-notes): rho (r_s = r_t (1 - g) in rho-space) | sigma
+    # (sigma_s = sigma_t (1 - g)) | logsigma (log sigma_s = log sigma_t - g (log sigma_t - log sigma_min))
+    kind: str = 'rho'
     ratio: float = 4.0               # R of Eq. T1 (gap fraction ~ Beta(R, 1)): larger values favour large gaps t - s
     r_lo: float = 0.0                # r_t ~ U(r_lo, 1) in rho-space
     sigma_s_max: float | None = None # optional cap on sigma_s
+    gen_sigma_s_min: float | None = None  # optional floor on sigma_s in the generator step (Eq. G1) only
     sigma_min: float = 0.002         # smallest noise level
     sigma_max: float = 80.0          # largest noise level
     rho: float = 7.0                 # rho of the EDM grid

@@ -38,6 +38,7 @@ CHOICES = {
     'engine.zero_stage': (0, 1, 2, 3),
     'engine.precision': ('fp32', 'bf16'),
     'teacher.kind': ('network', 'exact'),
+    'schedule.kind': ('rho', 'sigma', 'logsigma'),
     'engine.compile': ('none', 'default', 'reduce-overhead', 'max-autotune'),
     'teacher.precision': ('auto', 'bf16', 'fp32'),
     'teacher.offload': ('none', 'cpu'),

@@ -38,7 +38,13 @@ def edm_grid(num_points: int, noise: NoiseRange) -> torch.Tensor:
 
 #----------------------------------------------------------------------------
 # Eq. T1: joint time schedule pi(s, t).
-#   r_t ~ U(r_lo, 1),  g ~ Beta(R, 1),  r_s = r_t (1 - g),  sigma_min <= sigma_s (<= sigma_s_max).
+#   r_t ~ U(r_lo, 1),  g ~ Beta(R, 1),  sigma_min <= sigma_s (<= sigma_s_max), and the gap g read as (`kind`)
+#     rho:      r_s = r_t (1 - g)                                      (the spec's reading)
+#     sigma:    sigma_s = sigma_t (1 - g)
+#     logsigma: log sigma_s = log sigma_t - g (log sigma_t - log sigma_min)
+# In every reading a larger R gives larger gaps (E[g] = R / (R + 1)).
+
+T1_KINDS = ('rho', 'sigma', 'logsigma')
 
 @dataclasses.dataclass(kw_only=True)
 class TimeSchedule:
@@ -47,15 +53,31 @@ class TimeSchedule:
     r_lo: float                        # lower end of r_t
     sigma_s_max: float | None          # optional cap on sigma_s
     noise: NoiseRange
+    kind: str = 'rho'                  # the reading of the gap (T1_KINDS)
+    gen_sigma_s_min: float | None = None  # optional floor on sigma_s for the generator step
+
+    def generator_sigma_s(self, sigma_s: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
+        """Eq. T1's sigma_s for the generator step (Eq. G1): raised to gen_sigma_s_min, never above sigma_t."""
+        if self.gen_sigma_s_min is None:
+            return sigma_s
+        return torch.minimum(sigma_s.clamp(min=self.gen_sigma_s_min), sigma_t)
 
     def sample(self, n: int, gen: torch.Generator | None = None,
                device: torch.device | str = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. T1: draw (sigma_s, sigma_t) [n] each, with sigma_s < sigma_t."""
+        """Eq. T1: draw (sigma_s, sigma_t) [n] each, with sigma_s <= sigma_t."""
         u = torch.rand(2, n, generator=gen, dtype=torch.float64, device=gen.device if gen is not None else 'cpu')
         r_t = self.r_lo + (1 - self.r_lo) * u[0]
         g = u[1] ** (1 / self.ratio)                      # inverse CDF of Beta(R, 1): F(g) = g^R
         sigma_t = self.noise.sigma(r_t)
-        sigma_s = self.noise.sigma(r_t * (1 - g)).clamp(min=self.noise.sigma_min)
+        if self.kind == 'rho':
+            sigma_s = self.noise.sigma(r_t * (1 - g))
+        elif self.kind == 'sigma':
+            sigma_s = sigma_t * (1 - g)
+        elif self.kind == 'logsigma':
+            sigma_s = sigma_t ** (1 - g) * self.noise.sigma_min ** g
+        else:
+            raise ValueError(f'schedule.kind={self.kind!r}: one of {", ".join(T1_KINDS)}')
+        sigma_s = sigma_s.clamp(min=self.noise.sigma_min)
         if self.sigma_s_max is not None:
             sigma_s = sigma_s.clamp(max=self.sigma_s_max)
         sigma_s = torch.minimum(sigma_s, sigma_t)

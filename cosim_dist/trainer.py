@@ -88,6 +88,8 @@ class Trainer:
         with self.g.full_parameters():
             cosim.ema_update(self.ema, G, beta=0.0)
         self.state = TrainState()
+        self.sigma_s_seen: list[torch.Tensor] = []  # the generator step's sigma_s since the last status line
+        self.t_gain = next((n for n, _ in aux_engine.module.named_parameters() if n.endswith('t_gain')), None)
 
     #------------------------------------------------------------------------
     # Checkpoints: the training state as full tensors in world-size-free shards (elastic.py; each tensor stored once,
@@ -116,6 +118,20 @@ class Trainer:
         wants = [(0, ema[name].numel()) if net == 'ema' else engines[net].state_range(name, kind[0])
                  for net, name, *kind in parts]
         return get, wants, set_
+
+    def diagnostics(self) -> dict[str, float]:
+        """Collective (ZeRO-3 gathers t_gain). This rank's sigma_s quantiles in the generator steps since the last
+        call (Eq. T1: how many pairs sit where the G1 signal is small) and |t_gain|, the gate of the auxiliary's
+        sigma_t branch (0 at the start; `aux.t_embed=gated`)."""
+        out = {}
+        if self.sigma_s_seen:
+            s = torch.cat(self.sigma_s_seen).double()
+            qs = torch.quantile(s, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+            out = {f'schedule/sigma_s_q{round(q * 100)}': v for q, v in zip((0.1, 0.5, 0.9), qs)}
+            self.sigma_s_seen = []
+        if self.t_gain is not None:
+            out['aux/t_gain_abs'] = float(self.aux.get_full(self.t_gain, 'param').abs())
+        return out
 
     def save_checkpoint(self) -> None:
         path = self.checkpointer.stage(self.state.nimg)
@@ -225,6 +241,8 @@ class Trainer:
         try:
             for _ in range(self.rounds):
                 x0, c, s, t, n_t, n_s = self._micro_batch(gen)
+                s = self.schedule.generator_sigma_s(s, t)
+                self.sigma_s_seen.append(s.detach().float().cpu())
                 with autocast(self.device, self.precision):
                     with self.timer('gen: generator forward'):
                         ks = cosim.transition_kernel(G, x0, c, s, t, n_t, n_s, self.kernel_cfg.eta)
@@ -295,7 +313,7 @@ class Trainer:
             done = self.state.nimg >= total
             if self.state.nimg >= next_log or done:
                 self.logger.status(self.state.nimg, rank_mean({k: v / count for k, v in sums.items()}),
-                                   nan_dropped=self.state.nan_dropped)
+                                   nan_dropped=self.state.nan_dropped, **self.diagnostics())
                 sums, count = dict.fromkeys(sums, 0.0), 0
                 next_log += cfg.log_kimg * 1000
             if self.snapshot is not None and self.state.nimg >= next_snap:    # multiples, whatever the resume point
