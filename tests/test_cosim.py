@@ -83,6 +83,23 @@ def test_generator_weight_is_stop_gradient_normaliser():
     assert cosim.generator_alpha(1.0) == 1.0 and cosim.generator_alpha(1.4) == pytest.approx(1.2, rel=1e-15)
     assert cosim.generator_alpha(1.0, alpha=1.2) == 1.2
 
+def test_generator_weight_passes_no_gradient():
+    """w_g is a stop-gradient: the gradients of Eq. G1 w.r.t. d_c, D_phi and D_psi are those with w_g held constant,
+    dL/dd_c = -w delta / N, dL/dD_phi = w ((D_phi - d_c) + (1 - 2 alpha) delta) / N, dL/dD_psi = w (2 alpha delta -
+    (D_phi - d_c)) / N (delta = D_phi - D_psi). A w_g that let gradient through changes dL/dd_c and dL/dD_phi by
+    terms of the loss's own size; float64 leaves 1e-12 relative."""
+    gen = torch.Generator().manual_seed(3)
+    t, p, q = (torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    alpha, n = 1.2, 4
+    loss = cosim.generator_loss(t, p, q, alpha, gen_scale=7.0)
+    gt, gp, gq = torch.autograd.grad(loss, (t, p, q))
+    with torch.no_grad():
+        w = (7.0 / (t - p).abs().flatten(1).mean(1)).reshape(-1, 1, 1, 1)
+        delta = p - q
+        for got, want in ((gt, -w * delta / n), (gp, w * ((p - t) + (1 - 2 * alpha) * delta) / n),
+                          (gq, w * (2 * alpha * delta - (p - t)) / n)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
 #----------------------------------------------------------------------------
 # Eq. T1.
 
@@ -190,16 +207,18 @@ def test_default_sampler_grids():
     assert cosim.default_grid(4, noise, scale=2.0)[2] == pytest.approx(2 * 2.515, abs=1e-3)
 
 def test_cosim_sampler_uses_grid_and_noise():
+    """Eq. S1 by hand with G(x) = x / 2 + sigma: x = 80 z; x0 = 40 z + 80; x = x0 + 2.5 n; out = x / 2 + 2.5."""
     calls = []
 
     def G(x, sigma, c):
         calls.append(sigma[0].item())
-        return torch.zeros_like(x)
+        return x / 2 + sigma.reshape(-1, 1, 1, 1)
 
-    z = torch.ones(2, 1, 2, 2)
-    noise = [torch.full_like(z, 3.0)]
-    out = cosim.cosim_sample(G, z, None, [80.0, 2.5], noise)
-    assert calls == [80.0, 2.5] and torch.equal(out, torch.zeros_like(z))
+    z = torch.linspace(-1, 1, 8).reshape(2, 1, 2, 2)
+    n = torch.linspace(3, 4, 8).reshape(2, 1, 2, 2)
+    out = cosim.cosim_sample(G, z, None, [80.0, 2.5], [n])
+    assert calls == [80.0, 2.5]
+    torch.testing.assert_close(out, (40 * z + 80 + 2.5 * n) / 2 + 2.5, rtol=1e-6, atol=1e-5)
 
 def test_heun_sampler_on_gaussian_reaches_data_variance():
     z = torch.randn(20_000, D, 1, 1, generator=torch.Generator().manual_seed(0))

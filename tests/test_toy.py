@@ -1,5 +1,7 @@
 """The toy world: exact sampler, closed-form denoiser and moments, and the resumable stream."""
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,13 @@ def test_exact_moments_match_samples():
     assert ((f.mean(0) - mean).abs() / (c2.mean(0) / n).sqrt()).max().item() < 6
     assert ((torch.cov(f.T) - cov).abs() / ((c2.T @ c2 / n - cov ** 2) / n).sqrt()).max().item() < 6
     assert torch.bincount(labels, minlength=10).min() > 3600               # Binomial(40000, 0.1): 4000 +- 60, 6.7 sd
+    # The isotropic eps^2 I term (9e-4 per pixel) is near one entry's standard error (~7e-4), so the entry-wise check
+    # cannot see it; the mean of the 768 diagonal entries does: its standard error, from the per-sample mean of squared
+    # deviations, is ~15x smaller, and 6 of them stay below eps^2 (dropping the term would fail the line below).
+    q = c2.mean(1)
+    se = (q.std() / math.sqrt(n)).item()
+    assert 6 * se < world.eps2, se
+    assert abs(q.mean().item() - cov.diagonal().mean().item()) < 6 * se
 
 def test_stream_resume_is_exact():
     world = GMMWorld(GMMConfig())
