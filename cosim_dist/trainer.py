@@ -125,7 +125,7 @@ class Trainer:
         sigma_t branch (0 at the start; `aux.t_embed=gated`)."""
         out = {}
         if self.sigma_s_seen:
-            s = torch.cat(self.sigma_s_seen).double()
+            s = torch.cat(self.sigma_s_seen).double().cpu()
             qs = torch.quantile(s, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
             out = {f'schedule/sigma_s_q{round(q * 100)}': v for q, v in zip((0.1, 0.5, 0.9), qs)}
             self.sigma_s_seen = []
@@ -242,7 +242,7 @@ class Trainer:
             for _ in range(self.rounds):
                 x0, c, s, t, n_t, n_s = self._micro_batch(gen)
                 s = self.schedule.generator_sigma_s(s, t)
-                self.sigma_s_seen.append(s.detach().float().cpu())
+                self.sigma_s_seen.append(s.detach())      # on the device: no host sync in the step
                 with autocast(self.device, self.precision):
                     with self.timer('gen: generator forward'):
                         ks = cosim.transition_kernel(G, x0, c, s, t, n_t, n_s, self.kernel_cfg.eta)
