@@ -218,14 +218,13 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
     schedule = cosim.TimeSchedule(ratio=s.ratio, r_lo=s.r_lo, sigma_s_max=s.sigma_s_max, noise=noise_range(cfg),
                                   kind=s.kind, gen_sigma_s_min=s.gen_sigma_s_min)
     g_engine, aux_engine = make_engine(cfg, G, t.lr_g, env), make_engine(cfg, aux, t.lr_aux, env)
-    if cfg.teacher.kind == 'exact':
-        teacher = denoiser(cfg, teacher)
-    else:
-        teacher = prepare_network(place_teacher(teacher, cfg.teacher, device, env.world_size), e, trained=False)
-        compile_network(teacher, e.compile)
+    d_phi = denoiser(cfg, teacher)
+    if d_phi is teacher:                                # the network teacher (not the toy's exact denoiser)
+        d_phi = prepare_network(place_teacher(teacher, cfg.teacher, device, env.world_size), e, trained=False)
+        compile_network(d_phi, e.compile)
     for net in (g_engine.module, aux_engine.module):
         compile_network(net, e.compile)
-    return Trainer(teacher=teacher, g_engine=g_engine, aux_engine=aux_engine,
+    return Trainer(teacher=d_phi, g_engine=g_engine, aux_engine=aux_engine,
                    data=data or make_stream(cfg, batch_gpu, cfg.run.seed + 2, env), schedule=schedule, train=t,
                    loss=cfg.loss, kernel=cfg.kernel, sigma_data=cfg.model.sigma_data, seed=cfg.run.seed,
                    logger=make_logger(cfg, 'train', env.rank), device=device, precision=e.precision,

@@ -106,6 +106,8 @@ class TrainConfig:
     ema_halflife_kimg: float = 2.0   # generator EMA half-life in kimg
     ema_rampup: float | None = 0.05  # EMA ramp-up ratio (null = off)
     aux_steps_per_gen: int = 1       # auxiliary steps per generator step
+    aux_warmup_kimg: float = 0.0     # images (within kimg) of auxiliary steps only at the start: D_psi fits Eq. A1's
+                                     # target for the initial G before G moves (needed where D_psi(init) != D_phi)
     log_kimg: float = 4.0            # status line / scalar logging interval
     checkpoint_kimg: float = 20.0    # training-state checkpoint interval (0 = only at the end / on stop)
 

@@ -38,7 +38,7 @@ CHOICES = {
     'engine.zero_stage': (0, 1, 2, 3),
     'engine.precision': ('fp32', 'bf16'),
     'teacher.kind': ('network', 'exact'),
-    'schedule.kind': ('rho', 'sigma', 'logsigma'),
+    'schedule.kind': ('rho', 'sigma', 'logsigma'),          # cosim.T1_KINDS (tests/test_config.py holds them equal)
     'engine.compile': ('none', 'default', 'reduce-overhead', 'max-autotune'),
     'teacher.precision': ('auto', 'bf16', 'fp32'),
     'teacher.offload': ('none', 'cpu'),
@@ -81,7 +81,8 @@ def validate(cfg: Any) -> None:
                             lambda v: v > 0, '> 0'),
                            (('data.gmm.classes', 'data.gmm.components', 'data.gmm.rank'), lambda v: v >= 1, '>= 1'),
                            (('train.beta1', 'train.beta2', 'schedule.r_lo'), lambda v: 0 <= v < 1, 'in [0, 1)'),
-                           (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim', 'eval.every_kimg'),
+                           (('train.ema_halflife_kimg', 'data.num_workers', 'model.label_dim', 'eval.every_kimg',
+                             'train.aux_warmup_kimg'),
                             lambda v: v >= 0, '>= 0')):
         # values that would otherwise fail late (Adam, networks) or silently (EMA, retention)
         for key in keys:
@@ -90,6 +91,9 @@ def validate(cfg: Any) -> None:
     if cfg.schedule.sigma_max <= cfg.schedule.sigma_min:
         problem(f'schedule.sigma_max={cfg.schedule.sigma_max} must exceed '
                 f'schedule.sigma_min={cfg.schedule.sigma_min}')
+    if cfg.train.aux_warmup_kimg >= cfg.train.kimg:
+        problem(f'train.aux_warmup_kimg={cfg.train.aux_warmup_kimg} must be below train.kimg={cfg.train.kimg} (the '
+                f'warm-up is part of the run: auxiliary steps only, then the generator trains)')
     if any(k < 1 for k in cfg.eval.steps):
         problem(f'eval.steps={cfg.eval.steps}: every sampler step count K must be >= 1')
     for key, allowed in (('eval.samplers', ('heun', 'dpm', 'cosim')), ('eval.metrics', ('inception', 'dinov2'))):

@@ -8,7 +8,8 @@ from .config import Config, ConfigError, lookup
 
 RESUME_SECTIONS = ('run.seed', 'model', 'teacher.kind', 'aux', 'data', 'schedule', 'kernel', 'loss',
                    'engine.backend', 'engine.zero_stage', 'train.batch', 'train.lr_g', 'train.lr_aux', 'train.beta1',
-                   'train.beta2', 'train.eps', 'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen')
+                   'train.beta2', 'train.eps', 'train.ema_halflife_kimg', 'train.ema_rampup', 'train.aux_steps_per_gen',
+                   'train.aux_warmup_kimg')
 # inside those sections, settings a resume may change: the loader's readers (data.py re-deals the epoch to them)
 FREE = frozenset({'data.num_workers'})
 

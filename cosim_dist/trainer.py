@@ -5,6 +5,7 @@ Randomness is a function of (seed, images seen): every step reseeds the global R
 times and noise of the *global* micro-batch from a step generator, each rank taking its slice, so a run
 gives the same result in 1 or N processes and resumes exactly from one counter."""
 
+import collections
 import contextlib
 import dataclasses
 import io
@@ -269,17 +270,21 @@ class Trainer:
         with self.timer('ema'), self.g.full_parameters():
             cosim.ema_update(self.ema, self.g.module, beta)
 
-    def iteration(self) -> tuple[float, float]:
+    def iteration(self) -> dict[str, float]:
         """One Eq. L1 iteration at the current image count: auxiliary step(s), generator step, EMA; returns the
-        (auxiliary, generator) losses. Randomness is reseeded from (seed, rank, nimg) first (resume is exact)."""
+        losses ('loss/aux', and 'loss/gen' after the auxiliary warm-up, which has no generator step and no EMA).
+        Randomness is reseeded from (seed, rank, nimg) first (resume is exact)."""
         torch.manual_seed(step_seed(self.seed, self.rank, self.state.nimg))          # dropout
         gen = torch.Generator(self.device).manual_seed(step_seed(self.seed, self.state.nimg))
         steps = self.train_cfg.aux_steps_per_gen
-        loss_aux = sum(self.aux_step(gen) for _ in range(steps)) / steps
-        loss_gen = self.generator_step(gen)
+        losses = {'loss/aux': sum(self.aux_step(gen) for _ in range(steps)) / steps}
+        warmup = self.state.nimg < self.train_cfg.aux_warmup_kimg * 1000
+        if not warmup:
+            losses['loss/gen'] = self.generator_step(gen)
         self.state.nimg += self.train_cfg.batch
-        self.ema_step()
-        return loss_aux, loss_gen
+        if not warmup:
+            self.ema_step()
+        return losses
 
     #------------------------------------------------------------------------
 
@@ -300,21 +305,22 @@ class Trainer:
         next_log = self.state.nimg + cfg.log_kimg * 1000
         next_ckpt = self.state.nimg + cfg.checkpoint_kimg * 1000
         next_snap = (self.state.nimg // self.snapshot_every + 1) * self.snapshot_every if self.snapshot else 0
-        sums, count = {'loss/aux': 0.0, 'loss/gen': 0.0}, 0
+        sums: collections.Counter[str] = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
         while self.state.nimg < total:
             if any_rank(self.should_stop()):
                 log.info(f'stop requested: saving at {self.state.nimg / 1000:.1f} kimg')
                 break
-            loss_aux, loss_gen = self.iteration()
-            sums['loss/aux'] += loss_aux
-            sums['loss/gen'] += loss_gen
-            count += 1
-            self.logger.advance(batch, aux=sums['loss/aux'] / count, gen=sums['loss/gen'] / count)
+            losses = self.iteration()
+            sums.update(losses)
+            counts.update(losses.keys())
+            means = {k: sums[k] / counts[k] for k in sums}
+            self.logger.advance(batch, **{k.removeprefix('loss/'): v for k, v in means.items()})
             done = self.state.nimg >= total
             if self.state.nimg >= next_log or done:
-                self.logger.status(self.state.nimg, rank_mean({k: v / count for k, v in sums.items()}),
-                                   nan_dropped=self.state.nan_dropped, **self.diagnostics())
-                sums, count = dict.fromkeys(sums, 0.0), 0
+                self.logger.status(self.state.nimg, rank_mean(means), nan_dropped=self.state.nan_dropped,
+                                   **self.diagnostics())
+                sums, counts = collections.Counter(), collections.Counter()
                 next_log += cfg.log_kimg * 1000
             if self.snapshot is not None and self.state.nimg >= next_snap:    # multiples, whatever the resume point
                 self.take_snapshot()

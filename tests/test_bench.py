@@ -76,7 +76,8 @@ def assert_same_step(ref, got, rtol: float) -> None:
     """Losses and gradients of one iteration against the reference, each within `rtol` (relative, in norm)."""
     (ref_losses, ref_grads, _), (losses, grads, _) = ref, got
     assert grads.keys() == ref_grads.keys() == {'aux: optimiser', 'gen: optimiser'}
-    for name, a, b in (('loss/aux', losses[0], ref_losses[0]), ('loss/gen', losses[1], ref_losses[1]),
+    for name, a, b in (('loss/aux', losses['loss/aux'], ref_losses['loss/aux']),
+                       ('loss/gen', losses['loss/gen'], ref_losses['loss/gen']),
                        *((k, grads[k], ref_grads[k]) for k in grads)):
         assert float(torch.as_tensor(b).norm()) > 0, name
         assert relative_error(a, b) <= rtol, (name, relative_error(a, b), rtol)
@@ -112,8 +113,8 @@ def test_bf16_keeps_losses_and_gradients(tmp_path, reference, arch):
     blended = (ref_seen['aux_target'] + lmbda * ref_seen['aux_D_phi']) / (1 + lmbda)
     kappa_aux = float(ref_seen['aux_D_psi'].norm() / (ref_seen['aux_D_psi'] - blended).norm())
     kappa_gen = float(ref_seen['gen_D_phi'].norm() / (ref_seen['gen_D_phi'] - ref_seen['gen_D_psi']).norm())
-    for name, a, b, kappa in (('loss/aux', losses[0], ref_losses[0], kappa_aux),
-                              ('loss/gen', losses[1], ref_losses[1], kappa_gen),
+    for name, a, b, kappa in (('loss/aux', losses['loss/aux'], ref_losses['loss/aux'], kappa_aux),
+                              ('loss/gen', losses['loss/gen'], ref_losses['loss/gen'], kappa_gen),
                               ('aux grad', grads['aux: optimiser'], ref_grads['aux: optimiser'], kappa_aux),
                               ('gen grad', grads['gen: optimiser'], ref_grads['gen: optimiser'], kappa_gen)):
         bound = eps * (2 * kappa + 1)

@@ -182,6 +182,12 @@ def test_net_kwargs_are_the_networks_constructor_arguments():
         takes = {n for f in ctors for n in inspect.signature(f).parameters} - given
         assert set(NET_KWARGS[arch]) == takes, arch
 
+def test_schedule_kind_choices_are_the_t1_readings():
+    """config_checks (torch-free) repeats cosim.T1_KINDS as a literal; a new reading must be allowed in both."""
+    from cosim_dist.config_checks import CHOICES
+    from cosim_dist.cosim import T1_KINDS
+    assert CHOICES['schedule.kind'] == T1_KINDS
+
 def test_training_snapshots_of_a_real_model_need_the_first_metric_only(tmp_path):
     from cosim_dist.config_checks import readiness
     args = ['model=edm2-s', 'task=train', f'model.teacher={tmp_path}', f'data.path={tmp_path}']

@@ -83,14 +83,16 @@ def tiny_net(seed: int):
                          channel_mult=[1])
 
 def make_trainer(tmp_path: pathlib.Path, name: str, *, init_seed: int = 1, lmbda: float = 1.0, batch_gpu: int = BATCH,
-                 checkpoint_kimg: float = 0.008, stream: CounterStream | None = None, **kwargs) -> Trainer:
+                 checkpoint_kimg: float = 0.008, stream: CounterStream | None = None, aux_warmup_kimg: float = 0.0,
+                 **kwargs) -> Trainer:
     """A Trainer over a fixed teacher (seed 0) and a generator / auxiliary initialised from `init_seed`."""
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
     teacher = tiny_net(0).eval().requires_grad_(False)
     G = tiny_net(init_seed)
     aux = make_auxiliary(G, 'gated').requires_grad_(True)
     train = TrainConfig(kimg=ITERS * BATCH / 1000, batch=BATCH, batch_gpu=batch_gpu, lr_g=1e-3, lr_aux=1e-3,
-                        ema_halflife_kimg=0.01, log_kimg=0.008, checkpoint_kimg=checkpoint_kimg)
+                        ema_halflife_kimg=0.01, log_kimg=0.008, checkpoint_kimg=checkpoint_kimg,
+                        aux_warmup_kimg=aux_warmup_kimg)
     cfg = Config(loss=LossConfig(lmbda=lmbda), train=train)
     rounds, sc = BATCH // batch_gpu, cfg.schedule
     schedule = cosim.TimeSchedule(ratio=sc.ratio, r_lo=sc.r_lo, sigma_s_max=sc.sigma_s_max,
@@ -170,6 +172,21 @@ def test_generator_and_auxiliary_steps_touch_only_their_own_network(tmp_path):
     assert torch.equal(g1, flat(G)) and not torch.equal(aux0, flat(aux))
     assert all(p.grad is None or not p.grad.any() for p in G.parameters())
     assert torch.equal(teacher0, flat(trainer.teacher))
+
+def test_auxiliary_warmup_moves_only_the_auxiliary_then_the_generator_trains(tmp_path):
+    """train.aux_warmup_kimg = 2 iterations: G and its EMA stay at their initial values while the auxiliary moves and
+    no generator loss is logged; after the warm-up the generator step runs and is logged; the run still ends at kimg."""
+    trainer = make_trainer(tmp_path, 'run', checkpoint_kimg=0, aux_warmup_kimg=2 * BATCH / 1000)
+    g0, ema0, aux0 = flat(trainer.g.module), flat(trainer.ema), flat(trainer.aux.module)
+    assert trainer.iteration().keys() == trainer.iteration().keys() == {'loss/aux'}
+    assert torch.equal(g0, flat(trainer.g.module)) and torch.equal(ema0, flat(trainer.ema))
+    assert not torch.equal(aux0, flat(trainer.aux.module))
+    assert trainer.iteration().keys() == {'loss/aux', 'loss/gen'} and not torch.equal(g0, flat(trainer.g.module))
+    assert not torch.equal(ema0, flat(trainer.ema))
+    logged = make_trainer(tmp_path, 'log', checkpoint_kimg=0, aux_warmup_kimg=2 * BATCH / 1000)
+    assert logged.train().nimg == ITERS * BATCH
+    rows = [json.loads(line) for line in (tmp_path / 'log' / 'train.jsonl').read_text().splitlines()]
+    assert ['loss/gen' in r for r in rows] == [False, True, True] and all('loss/aux' in r for r in rows)
 
 def test_nan_samples_are_dropped_counted_and_parameters_stay_finite(tmp_path):
     """One NaN row per batch: every step still runs (the auxiliary learns), nan_dropped counts one per batch,
