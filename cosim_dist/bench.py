@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .build import build_trainer, new_network
+from .comm import CommMeter, StepShape, lower_bound
 from .config import Config, batch_layout
 from .distributed import DistEnv
 from .logging import log
@@ -43,21 +44,29 @@ def synchronize(device: torch.device) -> None:
 
 class PhaseTimer:
     """Wall time per phase, the device synchronised at both ends of every phase (so phases do not overlap); off
-    (no synchronisation) until `enabled` is set."""
+    (no synchronisation) until `enabled` is set. `current` names the phase being run (the CommMeter's phase)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.total, self.enabled = device, collections.defaultdict(float), False
+        self.device, self.total, self.enabled, self.current = device, collections.defaultdict(float), False, 'other'
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        if not self.enabled:
+        outer, self.current = self.current, phase
+        try:
+            if not self.enabled:
+                yield
+                return
+            synchronize(self.device)
+            t0 = time.perf_counter()
             yield
-            return
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        synchronize(self.device)
-        self.total[phase] += time.perf_counter() - t0
+            synchronize(self.device)
+            self.total[phase] += time.perf_counter() - t0
+        finally:
+            self.current = outer
+
+def trained_params(module: torch.nn.Module) -> int:
+    """Parameters of a trained network (full sizes, also where ZeRO-3 keeps only a partition on this rank)."""
+    return sum(getattr(p, 'ds_numel', p.numel()) for p in module.parameters())
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
     """Measured dense matrix-multiply rate in FLOP/s (2 n^3 per product) for dtype on device."""
@@ -130,6 +139,11 @@ def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> di
     for _ in range(b.iters):
         trainer.iteration()
     timer.enabled = False
+    with CommMeter(phase=lambda: timer.current) as comm:
+        trainer.iteration()
+    shape = StepShape(params_g=trained_params(trainer.g.module), params_aux=trained_params(trainer.aux.module),
+                      world=env.world_size, rounds=rounds, aux_steps=cfg.train.aux_steps_per_gen)
+    bound = lower_bound(cfg.engine.zero_stage, shape) if env.world_size > 1 else {'total': 0}
     params = [p for net in (trainer.g.module, trainer.aux.module, trainer.teacher) for p in net.parameters()]
     with (FlopCounterMode(display=False) as counter, SavedTensorMeter(params) as saved,
           torch.compiler.set_stance('force_eager')):
@@ -151,6 +165,10 @@ def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> di
         'matmul_peak_tflops': peak / 1e12, 'mfu': flops / seconds / peak,
         'peak_memory_gib': memory, 'peak_memory_kind': memory_kind,
         'activation_gib_per_rank': saved.peak / 2 ** 30,
+        'trained_params': {'generator': shape.params_g, 'auxiliary': shape.params_aux},
+        'comm_bytes_per_iter': comm.total, 'comm_bytes_by_op': dict(comm.by_op),
+        'comm_bytes_by_phase': dict(comm.by_phase), 'comm_calls_by_op': dict(comm.calls),
+        'comm_bytes_lower_bound': bound['total'], 'comm_lower_bound_by_network': bound,
     }
     if env.rank == 0:
         print(format_result(result))
@@ -169,4 +187,11 @@ def format_result(r: dict) -> str:
              f'({r["peak_memory_kind"]}), saved activations {r["activation_gib_per_rank"]:.2f} GiB per rank',
              '  phase (synchronised)            ms/iteration']
     lines += [f'  {k:<32} {v:10.2f}' for k, v in r['ms_per_phase'].items()]
+    if r['world_size'] > 1:
+        mib = lambda n: f'{n / 2 ** 20:.2f} MiB'
+        lines.append(f'  collectives per rank per iteration: {mib(r["comm_bytes_per_iter"])} '
+                     f'({r["comm_bytes_per_iter"] / max(r["comm_bytes_lower_bound"], 1):.2f}x the ZeRO-'
+                     f'{r["zero_stage"]} lower bound {mib(r["comm_bytes_lower_bound"])}); by operation: '
+                     + ', '.join(f'{k} {mib(v)}' for k, v in sorted(r['comm_bytes_by_op'].items())))
+        lines += [f'    {k:<30} {mib(v):>12}' for k, v in sorted(r['comm_bytes_by_phase'].items())]
     return '\n'.join(lines)
