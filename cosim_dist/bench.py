@@ -64,9 +64,12 @@ class PhaseTimer:
         finally:
             self.current = outer
 
-def trained_params(module: torch.nn.Module) -> int:
-    """Parameters of a trained network (full sizes, also where ZeRO-3 keeps only a partition on this rank)."""
-    return sum(getattr(p, 'ds_numel', p.numel()) for p in module.parameters())
+def trained_params(module: torch.nn.Module) -> tuple[int, int]:
+    """Parameters of a trained network (full sizes, also where ZeRO-3 keeps only a partition on this rank), and how
+    many of them ZeRO-3 keeps whole on every rank (below its persistence threshold)."""
+    params = list(module.parameters())
+    return (sum(getattr(p, 'ds_numel', p.numel()) for p in params),
+            sum(p.ds_numel for p in params if getattr(p, 'ds_persist', False)))
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
     """Measured dense matrix-multiply rate in FLOP/s (2 n^3 per product) for dtype on device."""
@@ -141,8 +144,9 @@ def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> di
     timer.enabled = False
     with CommMeter(phase=lambda: timer.current) as comm:
         trainer.iteration()
-    shape = StepShape(params_g=trained_params(trainer.g.module), params_aux=trained_params(trainer.aux.module),
-                      world=env.world_size, rounds=rounds, aux_steps=cfg.train.aux_steps_per_gen)
+    (params_g, persistent_g), (params_aux, persistent_aux) = map(trained_params, (trainer.g.module, trainer.aux.module))
+    shape = StepShape(params_g=params_g, params_aux=params_aux, world=env.world_size, rounds=rounds,
+                      aux_steps=cfg.train.aux_steps_per_gen, persistent_g=persistent_g, persistent_aux=persistent_aux)
     bound = lower_bound(cfg.engine.zero_stage, shape) if env.world_size > 1 else {'total': 0}
     params = [p for net in (trainer.g.module, trainer.aux.module, trainer.teacher) for p in net.parameters()]
     with (FlopCounterMode(display=False) as counter, SavedTensorMeter(params) as saved,
@@ -165,7 +169,8 @@ def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> di
         'matmul_peak_tflops': peak / 1e12, 'mfu': flops / seconds / peak,
         'peak_memory_gib': memory, 'peak_memory_kind': memory_kind,
         'activation_gib_per_rank': saved.peak / 2 ** 30,
-        'trained_params': {'generator': shape.params_g, 'auxiliary': shape.params_aux},
+        'trained_params': {'generator': params_g, 'auxiliary': params_aux, 'generator_persistent': persistent_g,
+                           'auxiliary_persistent': persistent_aux},
         'comm_bytes_per_iter': comm.total, 'comm_bytes_by_op': dict(comm.by_op),
         'comm_bytes_by_phase': dict(comm.by_phase), 'comm_calls_by_op': dict(comm.calls),
         'comm_bytes_lower_bound': bound['total'], 'comm_lower_bound_by_network': bound,

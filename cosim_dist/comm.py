@@ -84,6 +84,8 @@ class StepShape:
     world: int                   # data-parallel ranks
     rounds: int = 1              # micro-batches per optimiser step (gradient accumulation)
     aux_steps: int = 1           # auxiliary steps per generator step (train.aux_steps_per_gen)
+    persistent_g: int = 0        # ZeRO-3: parameters of G kept whole on every rank (DeepSpeed's persistence threshold)
+    persistent_aux: int = 0      # ZeRO-3: the same for the auxiliary
     grad_bytes: int = 4          # bytes per element of a gradient reduction (4: fp32)
     param_bytes: int = 4         # bytes per element of a parameter gather (2: bf16 working copy)
 
@@ -96,7 +98,8 @@ def lower_bound(stage: int, s: StepShape) -> dict[str, int]:
       every micro-batch in which the network runs (kept from its forward to its backward pass), and a
       reduce-scatter of each micro-batch's gradients. Per micro-batch G runs in each auxiliary step (forward, no
       grad) and in the generator step; the auxiliary in its own steps and in the generator step (gradients to its
-      input only)."""
+      input only). Parameters below DeepSpeed's persistence threshold stay whole on every rank: they are gathered
+      once per optimiser step, after the update, as under stages 1 and 2."""
     f = (s.world - 1) / s.world
     grads = {'generator': f * s.params_g * s.grad_bytes, 'auxiliary': f * s.params_aux * s.grad_bytes}
     gather = {'generator': f * s.params_g * s.param_bytes, 'auxiliary': f * s.params_aux * s.param_bytes}
@@ -106,8 +109,9 @@ def lower_bound(stage: int, s: StepShape) -> dict[str, int]:
     elif stage in (1, 2):
         out = {k: (grads[k] + gather[k]) * steps[k] for k in steps}
     else:
-        passes = {'generator': s.rounds * (s.aux_steps + 1), 'auxiliary': s.rounds * (s.aux_steps + 1)}
-        out = {k: passes[k] * gather[k] + s.rounds * steps[k] * grads[k] for k in steps}
+        kept = {'generator': f * s.persistent_g * s.param_bytes, 'auxiliary': f * s.persistent_aux * s.param_bytes}
+        passes = s.rounds * (s.aux_steps + 1)
+        out = {k: passes * (gather[k] - kept[k]) + steps[k] * (kept[k] + s.rounds * grads[k]) for k in steps}
     out = {k: round(v) for k, v in out.items()}
     out['total'] = out['generator'] + out['auxiliary']
     return out

@@ -40,6 +40,9 @@ def test_lower_bound_per_stage():
                                  'total': 12000 + 14400}
     two = StepShape(params_g=1000, params_aux=1200, world=4, aux_steps=2)                       # 2 auxiliary steps
     assert lower_bound(2, two)['auxiliary'] == 2 * 7200 and lower_bound(3, two)['generator'] == 3 * 3000 + 3000
+    # 200 of G's parameters persistent: gathered once per step (f 200 4 = 600) instead of in each of the 3 phases
+    kept = StepShape(params_g=1000, params_aux=1200, world=4, aux_steps=2, persistent_g=200)
+    assert lower_bound(3, kept)['generator'] == 3 * (3000 - 600) + 600 + 3000
 
 @pytest.mark.slow
 @pytest.mark.parametrize('stage', [1, 3])
@@ -56,6 +59,9 @@ def test_bench_reports_collective_bytes_against_the_lower_bound(tmp_path, stage)
     total = r['comm_bytes_per_iter']
     assert total == sum(r['comm_bytes_by_op'].values()) == sum(r['comm_bytes_by_phase'].values())
     assert r['trained_params']['generator'] > 0 and r['trained_params']['auxiliary'] > r['trained_params']['generator']
+    p = r['trained_params']
     assert r['comm_bytes_lower_bound'] == lower_bound(stage, StepShape(
-        params_g=r['trained_params']['generator'], params_aux=r['trained_params']['auxiliary'], world=2))['total']
+        params_g=p['generator'], params_aux=p['auxiliary'], world=2, persistent_g=p['generator_persistent'],
+        persistent_aux=p['auxiliary_persistent']))['total']
+    assert (p['generator_persistent'] > 0) == (stage == 3)
     assert r['comm_bytes_lower_bound'] <= total

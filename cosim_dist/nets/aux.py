@@ -5,6 +5,11 @@ import torch
 
 T_EMBED_MODES = ('gated', 'sum')
 
+def add_t_embedding(emb: torch.Tensor, emb_t: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    """emb + emb_t (aux.t_embed=sum) or emb + gain * emb_t (gated), in emb_t's dtype: ZeRO-3 stores a 0-dim gain
+    with shape [1], which as a dimensioned fp32 tensor would promote a bf16 embedding to fp32 under autocast."""
+    return emb + (emb_t if gain is None else gain.to(emb_t.dtype) * emb_t)
+
 def make_auxiliary(teacher: torch.nn.Module, mode: str = 'gated') -> torch.nn.Module:
     """Build the auxiliary from a teacher: same architecture with `aux_t_embed=mode`, every teacher weight
     copied, and the t-branch initialised from the teacher's own noise embedding.

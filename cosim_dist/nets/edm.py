@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .aux import add_t_embedding
 from .precond import Precond
 
 #----------------------------------------------------------------------------
@@ -214,7 +215,7 @@ class EDMUNet(nn.Module):
         if c_noise_t is None:
             return emb
         emb_t = self.map_layer1_t(F.silu(self.map_layer0_t(self.noise_features(c_noise_t))))
-        return emb + (emb_t if self.t_gain is None else self.t_gain * emb_t)
+        return add_t_embedding(emb, emb_t, self.t_gain)
 
 class SongUNet(EDMUNet):
     """DDPM++ as in EDM (docs/ALGORITHM.md): label added to the noise features, standard encoder and decoder,

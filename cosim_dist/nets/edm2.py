@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .aux import add_t_embedding
 from .edm import attention, build_levels, resample, run_levels
 from .precond import Precond
 
@@ -145,7 +146,7 @@ class UNet(nn.Module):
         emb = self.emb_noise(self.emb_fourier(c_noise))
         if c_noise_t is not None:
             emb_t = self.emb_noise_t(self.emb_fourier_t(c_noise_t))
-            emb = emb + (emb_t if self.t_gain is None else self.t_gain * emb_t)
+            emb = add_t_embedding(emb, emb_t, self.t_gain)
         if self.emb_label is not None:
             emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])), t=self.label_balance)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)                # constant input channel

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .aux import add_t_embedding
 from .precond import Precond
 
 #----------------------------------------------------------------------------
@@ -89,7 +90,7 @@ class ToyUNet(nn.Module):
         emb = self.map_noise(c_noise)
         if self.map_noise_t is not None:
             emb_t = self.map_noise_t(c_noise_t)
-            emb = emb + (emb_t * self.t_gain if self.t_gain is not None else emb_t)
+            emb = add_t_embedding(emb, emb_t, self.t_gain)
         if self.map_label is not None:
             class_labels = class_labels.to(self.map_label.weight.dtype)       # fp32 from Precond; bf16 teacher
             emb = emb + self.map_label(class_labels * math.sqrt(class_labels.shape[1]))

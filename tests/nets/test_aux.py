@@ -68,3 +68,20 @@ def test_sum_auxiliary_copies_teacher_embedding(arch):
     x, s, t, c = inputs(teacher)
     assert relative_change(aux(x, s, c, sigma_t=t), teacher(x, s, c)) > 1e-4   # E(s) + E(t): a different function
     assert build_network(arch, **aux.init_kwargs).state_dict().keys() == state.keys()
+
+@pytest.mark.parametrize('arch', [*SMALL, 'toy'])
+def test_gate_of_shape_one_keeps_bf16_autocast_working(arch):
+    """ZeRO-3 stores every 0-dim parameter with shape [1] (engines._share_scalar_parameters); a dimensioned fp32 gate
+    used to promote the bf16 sigma_t embedding to fp32 and EDM2's mp_sum (lerp) then failed on mixed dtypes. With the
+    gate of shape [1] the bf16 auxiliary runs and gives exactly what the 0-dim gate gives."""
+    teacher = random_teacher(arch) if arch != 'toy' else build_network('toy', img_resolution=16, img_channels=3,
+                                                                      label_dim=10, model_channels=16).eval()
+    aux = make_auxiliary(teacher, 'gated')
+    x, s, t, c = inputs(teacher)
+    gain = next(p for name, p in aux.named_parameters() if name.endswith('t_gain'))
+    with torch.no_grad():
+        gain.fill_(0.7)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        scalar = aux(x, s, c, sigma_t=t)
+        gain.data = gain.data.reshape(1)
+        assert torch.equal(aux(x, s, c, sigma_t=t), scalar)
