@@ -199,21 +199,53 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def _project(self) -> None:
         """The constraint on the module's weights and on ZeRO's fp32 master partitions (which would otherwise
-        overwrite the module's at the next step). Under ZeRO-3 the parameters are gathered and rank 0's result
-        re-partitioned."""
+        overwrite the module's at the next step). Under ZeRO-3 a row-wise constraint works on the partitions
+        (`_project_rows`): no parameter is gathered."""
         if self.constraint is None:
             return
-        import deepspeed
+        if self.zero_stage == 3 and self.constraint.row_scale is not None:
+            self._project_rows()
+            return
         from deepspeed.utils import safe_set_full_fp32_param
-        params = self.constraint.params
-        gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=0) if self.zero_stage == 3
-                    else contextlib.nullcontext())
-        with gathered:
-            for p in params:
-                value = self.constraint.project(p.data.float())
-                if self.zero_stage > 0:
-                    safe_set_full_fp32_param(p, value)
-                p.data.copy_(value)
+        for p in self.constraint.params:
+            value = self.constraint.project(p.data.float())
+            if self.zero_stage > 0:
+                safe_set_full_fp32_param(p, value)
+            p.data.copy_(value)
+
+    def _project_rows(self) -> None:
+        """A row-wise constraint (EDM2's Eq. 66: each output row scaled by a function of its sum of squares) on ZeRO-3
+        partitions: every rank adds up the squares of its own elements per row, one all-reduce of those sums (a
+        vector of output channels per weight, all weights at once), and every rank scales its own elements of the
+        fp32 master partition and of the module's partition. A weight below DeepSpeed's persistence threshold is
+        held whole by every rank once first gathered: it is projected whole, locally, its partitions taken from the
+        result."""
+        opt, pieces = self.engine.optimizer, []
+        for p in self.constraint.params:
+            n = p.ds_tensor.numel()
+            start = n * opt._get_param_partition_rank(p)
+            valid = max(0, min(n, p.ds_numel - start))
+            master = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=None)[0][:valid]
+            if getattr(p, 'ds_persist', False) and p.data.numel() == p.ds_numel:     # whole here (after a gather)
+                p.data.copy_(self.constraint.project(p.data.float()))
+                master.copy_(p.data.view(-1)[start:start + valid])
+                p.ds_tensor.data.view(-1)[:valid].copy_(master)
+                continue
+            rows = p.ds_shape[0]
+            row = torch.arange(start, start + valid, device=master.device) // (p.ds_numel // rows)
+            pieces.append((p, master, row, rows))
+        if not pieces:
+            return
+        sums = torch.cat([torch.zeros(rows, device=m.device).index_add_(0, row, m.float().square())
+                          for _, m, row, rows in pieces])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        at = 0
+        for p, m, row, rows in pieces:
+            scale = self.constraint.row_scale(sums[at:at + rows], p.ds_numel // rows)
+            at += rows
+            m.mul_(scale[row].to(m.dtype))
+            p.ds_tensor.data.view(-1)[:m.numel()].copy_(m)
 
     def full_parameters(self) -> contextlib.AbstractContextManager:
         if self.zero_stage < 3:

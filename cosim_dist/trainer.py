@@ -53,7 +53,7 @@ def finite_rows(*xs: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class TrainState:
-    nimg: int = 0           # generator-step images seen (global)
+    nimg: int = 0           # images per iteration (train.batch) times the iterations run, auxiliary warm-up included
     nan_dropped: int = 0    # samples dropped for NaN/Inf on this rank
 
 #----------------------------------------------------------------------------

@@ -40,11 +40,14 @@ class WeightConstraint:
     optimiser step (the engines apply it to the master weights too)."""
     params: list[torch.nn.Parameter]
     project: Callable[[torch.Tensor], torch.Tensor]
+    # the same projection when it scales each output row (dim 0) by a function of the row's sum of squares and
+    # length: (sums, row length) -> scales; lets ZeRO-3 project partitions without gathering (engines.py)
+    row_scale: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
 def weight_constraint(net: torch.nn.Module) -> WeightConstraint | None:
     """EDM2's forced weight normalisation (Eq. 66) for every MPConv of net; None for other architectures."""
     params = [m.weight for m in net.modules() if isinstance(m, edm2.MPConv)]
-    return WeightConstraint(params, edm2.normalize) if params else None
+    return WeightConstraint(params, edm2.normalize, edm2.normalize_scale) if params else None
 
 # The residual blocks: units of activation checkpointing.
 BLOCKS = (toy.ResBlock, edm.UNetBlock, edm2.Block)

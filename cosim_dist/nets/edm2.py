@@ -27,6 +27,11 @@ def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = 
     norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
+def normalize_scale(sums: torch.Tensor, length: int, eps: float = 1e-4) -> torch.Tensor:
+    """The factor `normalize` applies to each output row (default dim) from the row's sum of squares:
+    1 / (eps + sqrt(sums / length)) (forced weight normalisation, Eq. 66, computed on ZeRO-3 partitions)."""
+    return 1 / (eps + (sums / length).sqrt())
+
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     """Magnitude-preserving SiLU (Eq. 81): silu(x) / 0.596."""
     return F.silu(x) / 0.596

@@ -155,3 +155,11 @@ def test_post_step_weight_normalisation_equals_in_forward_normalisation():
     # 3e-7, and ~log2(576) u32 = 6e-7 of fp32 summation: atol=1e-5 around that (was 1e-3 around 1)
     torch.testing.assert_close(w.square().mean([1, 2, 3]), torch.full([w.shape[0]], (1 + 1e-4) ** -2),
                                atol=1e-5, rtol=0)
+
+def test_normalize_scale_is_normalize_from_row_sums():
+    """normalize_scale (what ZeRO-3 applies to partitions from all-reduced per-row sums of squares) scales every row as
+    normalize does, within fp32 rounding of a 576-term sum (relative 1e-6)."""
+    from cosim_dist.nets.edm2 import normalize, normalize_scale
+    w = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.3
+    scale = normalize_scale(w.square().sum([1, 2, 3]), w[0].numel())
+    torch.testing.assert_close(w * scale[:, None, None, None], normalize(w), rtol=1e-6, atol=0)
