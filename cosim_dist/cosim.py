@@ -4,7 +4,7 @@ and the teacher's Heun sampler. Networks are called as `net(x, sigma, class_labe
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -158,12 +158,16 @@ def ema_beta(batch: int, nimg: int, halflife_kimg: float, rampup: float | None) 
     return 0.5 ** (batch / max(h, 1e-8))
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """Eq. L1 (EMA): ema <- beta ema + (1 - beta) net, parameters and buffers."""
-    for e, p in zip(ema.parameters(), net.parameters()):
+def ema_update(ema: torch.nn.Module | Iterable[torch.Tensor], net: torch.nn.Module | Iterable[torch.Tensor],
+               beta: float) -> None:
+    """Eq. L1 (EMA): ema <- beta ema + (1 - beta) net, elementwise: the parameters and buffers of two networks, or
+    matching tensors (a rank's ZeRO-3 partitions)."""
+    if isinstance(ema, torch.nn.Module):
+        for e, b in zip(ema.buffers(), net.buffers()):
+            e.copy_(b.reshape(e.shape))
+        ema, net = ema.parameters(), net.parameters()
+    for e, p in zip(ema, net, strict=True):
         e.lerp_(p.detach().to(e.dtype).reshape(e.shape), 1 - beta)
-    for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b.reshape(e.shape))
 
 #----------------------------------------------------------------------------
 # Eq. S1: the K-step sampler (Algorithm 1). Default grid: the first K points of the rho-grid with K + 1 points.

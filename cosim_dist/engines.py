@@ -1,8 +1,9 @@
 """Training engines (a network, its optimiser and the step around them) and the frozen teacher's placement.
 
 Both engine kinds expose what the trainer uses: `module`, `backward(loss)` (scaled by 1 / accumulation steps), `step()`
-(called after every micro-batch, applied at the accumulation boundary), `full_parameters()` (a context in which every
-parameter is materialised, for the EMA under ZeRO-3) and the training state per parameter and kind, which elastic.py
+(called after every micro-batch, applied at the accumulation boundary), `local_parameters()` (this rank's elements of
+every parameter: its ZeRO-3 partition, or all; the EMA follows them without a gather) with `gather_local` (collective:
+the full tensor from every rank's elements) and the training state per parameter and kind, which elastic.py
 stores independently of the world size: `get_full` (the full fp32 tensor), `state_range` (the elements this rank holds:
 its ZeRO partition, or all) and `set_state` (those elements), `adam_step` / `set_adam_step`. An optional
 `WeightConstraint` (EDM2's forced weight normalisation) is applied once at construction and after every optimiser step,
@@ -109,8 +110,11 @@ class TorchEngine:
             self.optimizer.zero_grad(set_to_none=True)
             project_(self.constraint)
 
-    def full_parameters(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    def local_parameters(self) -> dict[str, tuple[torch.Tensor, tuple[int, int]]]:
+        return {name: (p.data.reshape(-1), (0, p.numel())) for name, p in self.module.named_parameters()}
+
+    def gather_local(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        return local
 
     # Training state as full tensors (see state_specs).
 
@@ -247,11 +251,28 @@ class DeepSpeedEngine:
             m.mul_(scale[row].to(m.dtype))
             p.ds_tensor.data.view(-1)[:m.numel()].copy_(m)
 
-    def full_parameters(self) -> contextlib.AbstractContextManager:
+    def local_parameters(self) -> dict[str, tuple[torch.Tensor, tuple[int, int]]]:
+        """(flat values, (start, end)) of this rank's elements of every parameter: under ZeRO-3 the partition (a view
+        of `ds_tensor`, padding cut), otherwise the whole parameter."""
+        out = {}
+        for name, p in self.module.named_parameters():
+            start, end = self.state_range(name, 'param')
+            out[name] = ((p.ds_tensor.data.view(-1)[:end - start] if self.zero_stage == 3 else p.data.reshape(-1)),
+                         (start, end))
+        return out
+
+    def gather_local(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """Collective under ZeRO-3: the flat full tensor from every rank's `local` elements of parameter `name` (laid
+        out as `local_parameters` gives them); otherwise `local` itself."""
         if self.zero_stage < 3:
-            return contextlib.nullcontext()
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+            return local
+        p = self.module.get_parameter(name)
+        n = p.ds_tensor.numel()
+        padded = torch.zeros(n, dtype=local.dtype, device=local.device)
+        padded[:local.numel()] = local
+        out = torch.empty(n * torch.distributed.get_world_size(), dtype=local.dtype, device=local.device)
+        torch.distributed.all_gather_into_tensor(out, padded)
+        return out[:p.ds_numel]
 
     # Training state as full tensors (see state_specs): DeepSpeed's safe_get/set_full helpers gather and scatter the
     # fp32 master partitions and Adam moments of ZeRO 1-3; without ZeRO the optimiser holds plain parameters.

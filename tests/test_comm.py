@@ -48,7 +48,7 @@ def test_lower_bound_per_stage():
 @pytest.mark.parametrize('stage', [1, 3])
 def test_bench_reports_collective_bytes_against_the_lower_bound(tmp_path, stage):
     """A 2-rank DeepSpeed toy benchmark: bench.json carries the measured bytes per rank by operation and by phase
-    (which add up to the total) and the lower bound, which the measurement never beats."""
+    (which add up to the total) and the lower bound, which the measurement never beats; the EMA step moves nothing."""
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
                     str(REPO / 'launch.py'), 'task=bench', f'run.root={tmp_path}', 'run.name=b',
                     'engine.backend=deepspeed', f'engine.zero_stage={stage}', 'bench.warmup=1', 'bench.iters=1',
@@ -65,3 +65,4 @@ def test_bench_reports_collective_bytes_against_the_lower_bound(tmp_path, stage)
         persistent_aux=p['auxiliary_persistent']))['total']
     assert (p['generator_persistent'] > 0) == (stage == 3)
     assert r['comm_bytes_lower_bound'] <= total
+    assert 'ema' not in r['comm_bytes_by_phase']                  # the EMA follows each rank's own elements
