@@ -1,0 +1,31 @@
+"""benchmarks/t1_study.py --quick, the CI-sized form of the Eq. T1 study: every combination of its grid trains, is
+evaluated with every toy metric and lands in study.json and the printed table."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / 'benchmarks'))
+from t1_study import GRID, METRICS  # noqa: E402
+
+@pytest.mark.slow
+def test_quick_study_fills_every_row(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 't1_study.py'), '--quick', '--out', str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, 'PYTHONPATH': str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / 'quick' / 'study.json').read_text())
+    combos = {(r['ratio'], r['kind']) for r in rows}
+    assert combos == {(r, k) for r in GRID['quick']['ratio'] for k in GRID['quick']['kind']}
+    for combo in combos:
+        names = {r['name'] for r in rows if (r['ratio'], r['kind']) == combo}
+        assert {'CoSIM K=1', 'CoSIM K=2', 'CoSIM K=4'} <= names and any('Heun' in n for n in names)
+        assert sum('DPM' in n for n in names) == 3
+    assert all(math.isfinite(r[m]) for r in rows for m in METRICS)
+    table = done.stdout.splitlines()
+    assert len([line for line in table if 'CoSIM K=4' in line]) == len(combos)
