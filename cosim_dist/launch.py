@@ -63,4 +63,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from .distributed import exit_process
+    exit_process(main())

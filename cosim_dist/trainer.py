@@ -23,6 +23,7 @@ from .checkpoint import StepReader
 from .config import ConfigError, KernelConfig, LossConfig, TrainConfig
 from .distributed import any_rank, rank_mean
 from .elastic import ITEM, CorruptState, Layout, agree_on_reads, as_floats, load_state, save_state
+from .ema import GeneratorEMA
 from .engines import autocast, state_specs
 from .logging import RunLogger, log
 from .nets import build_network
@@ -83,18 +84,8 @@ class Trainer:
         self.batch_gpu = batch_gpu or train.batch // world_size
         self.rounds = train.batch // (self.batch_gpu * world_size)
         self.alpha = cosim.generator_alpha(loss.lmbda, loss.alpha)
-        G = self.g.module
-        # The EMA follows this rank's elements of G (its ZeRO-3 partitions, or all of G: then views of self.ema's own
-        # parameters); self.ema, a plain network, holds all of it after sync_ema() (collective).
-        self.ema = type(G)(**G.init_kwargs).to(device).eval().requires_grad_(False)
-        ema_params, self.ema_local, self.ema_range = dict(self.ema.named_parameters()), {}, {}
-        for name, (values, (start, end)) in self.g.local_parameters().items():
-            whole = end - start == ema_params[name].numel()
-            self.ema_local[name] = ema_params[name].data.view(-1) if whole else torch.empty_like(values)
-            self.ema_local[name].copy_(values)
-            self.ema_range[name] = (start, end)
-        self.ema_synced = False
-        self.sync_ema()
+        self.averaged = GeneratorEMA(g_engine, device)       # on this rank's elements of G
+        self.ema = self.averaged.net                          # the full EMA network, current after averaged.sync()
         self.state = TrainState()
         self.sigma_s_seen: list[torch.Tensor] = []  # the generator step's sigma_s since the last status line
         self.t_gain = next((n for n, _ in aux_engine.module.named_parameters() if n.endswith('t_gain')), None)
@@ -115,34 +106,17 @@ class Trainer:
 
         def get(i: int) -> torch.Tensor:
             net, name, *kind = parts[i]
-            if net == 'ema':
-                return self.g.gather_local(name, self.ema_local[name])
-            return engines[net].get_full(name, kind[0])
+            return self.averaged.get_full(name) if net == 'ema' else engines[net].get_full(name, kind[0])
 
         def set_(i: int, values: torch.Tensor) -> None:
             net, name, *kind = parts[i]
             if net == 'ema':
-                self.ema_local[name].copy_(values)
-                self.ema_synced = False
+                self.averaged.set_local(name, values)
             else:
                 engines[net].set_state(name, kind[0], values)
-        wants = [self.ema_range[name] if net == 'ema' else engines[net].state_range(name, kind[0])
+        wants = [self.averaged.range[name] if net == 'ema' else engines[net].state_range(name, kind[0])
                  for net, name, *kind in parts]
         return get, wants, set_
-
-    def sync_ema(self) -> None:
-        """Collective: self.ema, the full EMA network, from every rank's elements (a no-op where each rank holds all of
-        G, whose EMA parameters are self.ema's own), with G's buffers."""
-        if self.ema_synced:
-            return
-        params = dict(self.ema.named_parameters())
-        for name, local in self.ema_local.items():
-            full = self.g.gather_local(name, local)        # (collective under ZeRO-3: called on every rank)
-            if full.data_ptr() != params[name].data_ptr():
-                params[name].data.copy_(full.reshape(params[name].shape))
-        for e, b in zip(self.ema.buffers(), self.g.module.buffers(), strict=True):
-            e.copy_(b.reshape(e.shape))
-        self.ema_synced = True
 
     def diagnostics(self) -> dict[str, float]:
         """Collective (ZeRO-3 gathers t_gain). This rank's sigma_s quantiles in the generator steps since the last
@@ -291,9 +265,8 @@ class Trainer:
     def ema_step(self) -> None:
         beta = cosim.ema_beta(self.train_cfg.batch, self.state.nimg, self.train_cfg.ema_halflife_kimg,
                               self.train_cfg.ema_rampup)
-        with self.timer('ema'):                               # this rank's elements only: no gather
-            cosim.ema_update(self.ema_local.values(), (v for v, _ in self.g.local_parameters().values()), beta)
-        self.ema_synced = False
+        with self.timer('ema'):
+            self.averaged.update(beta)
 
     def iteration(self) -> dict[str, float]:
         """One Eq. L1 iteration at the current image count: auxiliary step(s), generator step, EMA; returns the
@@ -316,7 +289,7 @@ class Trainer:
     def take_snapshot(self) -> None:
         """Collective: the snapshot seam at the current image count; its scalars join the training log."""
         with self.logger.maintenance():
-            self.sync_ema()
+            self.averaged.sync()
             self.logger.scalars(self.state.nimg, self.snapshot(self.state.nimg, self.ema))
 
     def train(self) -> TrainState:
@@ -359,7 +332,7 @@ class Trainer:
             if self.state.nimg != self.saved_nimg:
                 self.save_checkpoint()
             self.checkpointer.close()
-        self.sync_ema()
+        self.averaged.sync()
         self.logger.close()
         return self.state
 
