@@ -3,12 +3,14 @@ or missing in the store, and kill -9 while the 3 ranks load. A damaged newest co
 resumed; a killed load changes nothing in the store (loading only reads), so the next resume, on yet another number
 of ranks, takes the same commit. Every run must then finish."""
 
+import contextlib
 import random
 import subprocess
 import sys
 import time
 
 import fault_harness as h
+import psutil
 import pytest
 from fault_report import Trial, trials
 
@@ -30,6 +32,23 @@ def finish(fault_root, name: str, store, kimg: float, nproc: int) -> str:
     out, _ = proc.communicate(timeout=h.TIMEOUT)
     assert proc.returncode == 0, out[-3000:]
     return out
+
+def kill_tree(proc: subprocess.Popen, settle_s: float = 1.0) -> None:
+    """kill -9 the launcher and every process under it, then wait until all are gone. torchrun starts each rank in a
+    session of its own, so killing the launcher's session would leave the ranks training on (and committing) as
+    orphans. The settle time lets the store finish a request whose bytes were sent just before the kill."""
+    root = psutil.Process(proc.pid)
+    tree = [root, *root.children(recursive=True)]
+    for p in tree:                                  # freeze first: nobody spawns or commits while we kill
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.suspend()
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f'{alive} outlived kill -9 by 60 s'
+    time.sleep(settle_s)
 
 def damage_one_shard(store, nimg: int, rng: random.Random) -> str:
     """One writer's shard of the commit: deleted, or one bit flipped."""
@@ -56,8 +75,7 @@ def test_damaged_shard_and_kill9_during_elastic_resume(s3_env, fault_root, recor
 
         proc = launch(fault_root, name, store, 0.192, nproc=3)           # newest commit: 144 images, by 3 ranks
         time.sleep(rng.uniform(2, 10))                            # start-up, teacher, engines or the load itself
-        subprocess.run(['pkill', '-KILL', '-s', str(proc.pid)], check=False)   # the launcher and its ranks
-        proc.wait()
+        kill_tree(proc)
         newest = max(int(k.split('/')[0][5:]) for k in store.list('step-') if k.endswith('/COMMIT'))
         out = finish(fault_root, name, store, 0.240, nproc=2)
         ok = newest >= 144 and f'from {store.url}/{step_prefix(newest)}' in out and 'is unusable' not in out
