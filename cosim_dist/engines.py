@@ -150,7 +150,9 @@ def deepspeed_config(micro_batch: int, accum: int, world_size: int, zero_stage: 
         'train_batch_size': micro_batch * accum * world_size,
         'train_micro_batch_size_per_gpu': micro_batch,
         'gradient_accumulation_steps': accum,
-        'zero_optimization': {'stage': zero_stage},
+        # overlap_comm: gradient reductions run on their own stream while the backward pass goes on (the default
+        # under stage 3 only); it changes when bytes move, not how many (comm.py counts the same)
+        'zero_optimization': {'stage': zero_stage, **({'overlap_comm': True} if zero_stage > 0 else {})},
         'gradient_clipping': 0.0,
         'steps_per_print': 2 ** 62,
     }
@@ -226,9 +228,8 @@ class DeepSpeedEngine:
         result."""
         opt, pieces = self.engine.optimizer, []
         for p in self.constraint.params:
-            n = p.ds_tensor.numel()
-            start = n * opt._get_param_partition_rank(p)
-            valid = max(0, min(n, p.ds_numel - start))
+            start, end = self._partition(p)
+            valid = end - start
             master = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=None)[0][:valid]
             if getattr(p, 'ds_persist', False) and p.data.numel() == p.ds_numel:     # whole here (after a gather)
                 p.data.copy_(self.constraint.project(p.data.float()))
@@ -250,6 +251,13 @@ class DeepSpeedEngine:
             at += rows
             m.mul_(scale[row].to(m.dtype))
             p.ds_tensor.data.view(-1)[:m.numel()].copy_(m)
+
+    def _partition(self, p: torch.nn.Parameter) -> tuple[int, int]:
+        """ZeRO-3: the elements [start, end) of the flattened parameter in this rank's partition (`ds_tensor`, whose
+        padding past the last element is cut; a rank past the end holds none)."""
+        n = p.ds_tensor.numel()
+        start = min(n * self.engine.optimizer._get_param_partition_rank(p), p.ds_numel)
+        return start, min(start + n, p.ds_numel)
 
     def local_parameters(self) -> dict[str, tuple[torch.Tensor, tuple[int, int]]]:
         """(flat values, (start, end)) of this rank's elements of every parameter: under ZeRO-3 the partition (a view
@@ -314,8 +322,7 @@ class DeepSpeedEngine:
         moments alike), under ZeRO-1/2 its fragment of the moments (the parameter itself is replicated), else all."""
         p = self.module.get_parameter(name)
         if self.zero_stage == 3:
-            start = p.ds_tensor.numel() * self.engine.optimizer._get_param_partition_rank(p)
-            return min(start, p.ds_numel), min(start + p.ds_tensor.numel(), p.ds_numel)
+            return self._partition(p)
         if self.zero_stage == 0 or kind == 'param':
             return 0, p.numel()
         fragment = p._hp_mapping.lp_fragment_address if p._hp_mapping is not None else None

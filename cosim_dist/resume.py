@@ -25,8 +25,14 @@ def resume_fingerprint(cfg: Config) -> dict[str, Any]:
     return {k: v for key in RESUME_SECTIONS for k, v in _flatten(key, lookup(cfg, key)).items() if k not in FREE}
 
 def check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    """Raise ConfigError listing every setting that differs from the checkpoint's."""
-    diff = [f'{k}: {saved.get(k, "<unset>")!r} in the checkpoint, {now.get(k, "<unset>")!r} now'
+    """Raise ConfigError listing every setting that differs from the checkpoint's. A setting the checkpoint lacks
+    (added by a later version of cosim_dist) matches its default: the version that wrote the checkpoint behaved so."""
+    default = resume_fingerprint(Config())
+    older = {k: default[k] for k in set(now) - set(saved) if k in default}
+    def shown(k: str) -> str:
+        return f'unset (default {older[k]!r})' if k in older else repr(saved.get(k, '<unset>'))
+    saved = {**older, **saved}
+    diff = [f'{k}: {shown(k)} in the checkpoint, {now.get(k, "<unset>")!r} now'
             for k in sorted((set(saved) | set(now)) - FREE) if saved.get(k) != now.get(k)]
     if diff:
         raise ConfigError('cannot resume: the config differs from the checkpoint\'s (' + '; '.join(diff)

@@ -41,7 +41,9 @@ class WeightConstraint:
     params: list[torch.nn.Parameter]
     project: Callable[[torch.Tensor], torch.Tensor]
     # the same projection when it scales each output row (dim 0) by a function of the row's sum of squares and
-    # length: (sums, row length) -> scales; lets ZeRO-3 project partitions without gathering (engines.py)
+    # length: (sums, row length) -> scales; lets ZeRO-3 project partitions without gathering (engines.py). Both forms
+    # are kept: `project` is the official expression, bit for bit (tests/nets/test_edm2.py trains against the official
+    # in-forward normalisation with torch.equal), which a scale from summed squares only matches within rounding.
     row_scale: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
 def weight_constraint(net: torch.nn.Module) -> WeightConstraint | None:
