@@ -146,7 +146,8 @@ def run_bench(cfg: Config, device: torch.device, env: DistEnv = DistEnv()) -> di
         trainer.iteration()
     (params_g, persistent_g), (params_aux, persistent_aux) = map(trained_params, (trainer.g.module, trainer.aux.module))
     shape = StepShape(params_g=params_g, params_aux=params_aux, world=env.world_size, rounds=rounds,
-                      aux_steps=cfg.train.aux_steps_per_gen, persistent_g=persistent_g, persistent_aux=persistent_aux)
+                      aux_steps=cfg.train.aux_steps_per_gen, persistent_g=persistent_g, persistent_aux=persistent_aux,
+                      param_bytes=next(trainer.g.module.parameters()).element_size())   # 2 with bf16 weights
     bound = lower_bound(cfg.engine.zero_stage, shape) if env.world_size > 1 else {'total': 0}
     params = [p for net in (trainer.g.module, trainer.aux.module, trainer.teacher) for p in net.parameters()]
     with (FlopCounterMode(display=False) as counter, SavedTensorMeter(params) as saved,

@@ -17,7 +17,7 @@ from . import cosim, distributed
 from .checkpoint import CheckpointManager
 from .config import Config, ConfigError, batch_layout, config_hash, save_config
 from .distributed import DistEnv, check_store_reachable, gather_object
-from .engines import DeepSpeedEngine, TorchEngine, compile_network, place_teacher, prepare_network
+from .engines import TorchEngine, compile_network, prepare_network
 from .latents import latent_scale_bias
 from .logging import RunLogger, log
 from .nets import TRAINING_KWARGS, build_network, weight_constraint
@@ -28,6 +28,7 @@ from .storage import ObjectStore, missing_local, open_store, parse_url
 from .teacher_io import arch_name, load_network, load_snapshot, save_snapshot
 from .toy import ExactDenoiser, GMMStream, GMMWorld
 from .trainer import Trainer
+from .zero import DeepSpeedEngine, place_teacher
 
 #----------------------------------------------------------------------------
 # Run directory, data, logging.
@@ -171,7 +172,9 @@ def make_engine(cfg: Config, net: torch.nn.Module, lr: float, env: DistEnv):
                               f'use engine.backend=deepspeed')
         return TorchEngine(net, lr, (t.beta1, t.beta2), t.eps, accum=rounds, constraint=weight_constraint(net))
     return DeepSpeedEngine(net, lr, (t.beta1, t.beta2), t.eps, micro_batch=batch_gpu, accum=rounds,
-                           world_size=env.world_size, zero_stage=e.zero_stage, constraint=weight_constraint(net))
+                           world_size=env.world_size, zero_stage=e.zero_stage, constraint=weight_constraint(net),
+                           bf16_weights=e.precision == 'bf16' and (e.zero_stage == 3 if e.bf16_weights is None
+                                                                   else e.bf16_weights))
 
 def default_staging(cfg: Config) -> pathlib.Path:
     """A node-local directory for staging saves ($TMPDIR, else /tmp), one per user and run directory."""

@@ -130,6 +130,11 @@ class EngineConfig:
     backend: str = 'torch'           # torch (one process, plain Adam) | deepspeed (ZeRO, any number of processes)
     zero_stage: int = 0              # DeepSpeed ZeRO stage 0-3 (generator and auxiliary)
     precision: str = 'fp32'          # fp32 | bf16 (autocast for G and aux; master weights stay fp32)
+    # with precision=bf16 under DeepSpeed ZeRO 1-3: G's and aux's module weights in bf16 (the fp32 master weights in
+    # the optimiser), so parameter all-gathers move half the bytes; gradient reductions stay fp32 (engines.py).
+    # null (auto: under ZeRO-3, where gathers are most of the bytes) | true | false (docs/benchmarks.md: the cost is
+    # bf16 gradients for biases and norm gains too)
+    bf16_weights: bool | None = None
     # torch.compile mode for G, aux and teacher: none | default | reduce-overhead (CUDA graphs) | max-autotune
     compile: str = 'none'
     channels_last: bool = False      # NHWC memory format for the networks (faster bf16 convolutions on GPUs)

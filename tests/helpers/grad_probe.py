@@ -1,7 +1,8 @@
 """Gradient probe (run by tests under torch.distributed.run): build the real trainer from `launch.py`-style overrides,
 run the first auxiliary (Eq. A1) and generator (Eq. G1) micro-steps of a fresh run and save, from rank 0, the full
 all-reduced fp32 gradient each engine would hand to its optimiser (DeepSpeed's `safe_get_full_grad`, which
-assembles ZeRO 1-3 partitions). The optimiser steps are not taken, so both phases see the initial weights.
+assembles ZeRO 1-3 partitions). The optimiser steps are not taken, so both phases see the initial weights. Also
+saved: G's initial fp32 master weights (gathered), its EMA network and the dtype of its module weights.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/helpers/grad_probe.py OUT.pt key=value ...
 """
@@ -40,6 +41,11 @@ def main(out: str, overrides: list[str]) -> None:
             raise _Grabbed(phase)
         return contextlib.nullcontext()
     trainer = build.build_trainer(cfg, teacher, device, env, checkpoints=False, timer=timer)
+    g = trainer.g
+    result['g: master'] = torch.cat([g.get_full(n, 'param').flatten() for n, _ in g.module.named_parameters()])
+    trainer.averaged.sync()
+    result['g: ema'] = torch.cat([p.flatten() for p in trainer.averaged.net.parameters()])
+    result['g: weight dtype'] = str(next(g.module.parameters()).dtype)
     gen = torch.Generator(device).manual_seed(cfg.run.seed)
     for step in (trainer.aux_step, trainer.generator_step):
         try:
