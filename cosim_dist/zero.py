@@ -51,6 +51,15 @@ def _share_scalar_parameters(module: torch.nn.Module, zero_stage: int) -> None:
             else:
                 p.ds_optim_param = True
 
+def restore_buffers(module: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Put back the buffers a bf16 cast of the whole module replaced: constants stay as built (EDM2's and the toy's
+    Fourier frequencies and phases: rounded to bf16 they would shift the embedding's phase by up to 2^-9 of its
+    argument, ~0.1 rad for EDM2's frequencies)."""
+    for name, b in buffers.items():
+        owner, _, leaf = name.rpartition('.')
+        m = module.get_submodule(owner)
+        m.register_buffer(leaf, b, persistent=leaf not in m._non_persistent_buffers_set)
+
 class DeepSpeedEngine:
     """A DeepSpeed engine with its own optimiser and config (one per trained network)."""
 
@@ -73,10 +82,7 @@ class DeepSpeedEngine:
         for name, values in initial.items():
             start, end = self.state_range(name, 'param')
             self.set_state(name, 'param', values.reshape(-1)[start:end])
-        for name, b in buffers.items():          # constants stay as built (e.g. Fourier frequencies: in bf16 the
-            owner, _, leaf = name.rpartition('.')    # embedding's phase would be off by up to 2^-9 of its argument)
-            module.get_submodule(owner).register_buffer(leaf, b, persistent=leaf not in
-                                                        module.get_submodule(owner)._non_persistent_buffers_set)
+        restore_buffers(module, buffers)
         self._project()
 
     @property
@@ -276,10 +282,13 @@ class DeepSpeedEngine:
 
 def place_teacher(teacher: torch.nn.Module, cfg: TeacherConfig, device: torch.device,
                   world_size: int) -> torch.nn.Module:
-    """Eval mode, no parameter gradients (inputs stay differentiable), in the configured precision and place."""
+    """Eval mode, no parameter gradients (inputs stay differentiable), the parameters in the configured precision
+    (buffers stay as built, see restore_buffers), in the configured place."""
     precision = cfg.precision if cfg.precision != 'auto' else ('bf16' if device.type == 'cuda' else 'fp32')
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
-    teacher = teacher.eval().requires_grad_(False).to(dtype=dtype)
+    teacher = teacher.eval().requires_grad_(False)
+    for p in teacher.parameters():
+        p.data = p.data.to(dtype)
     if cfg.offload == 'none':
         return teacher.to(device)
     if cfg.offload != 'cpu':
@@ -288,5 +297,7 @@ def place_teacher(teacher: torch.nn.Module, cfg: TeacherConfig, device: torch.de
     ds = deepspeed_config(1, 1, world_size, 3, None)
     ds['zero_optimization'].update(offload_param={'device': 'cpu', 'pin_memory': device.type == 'cuda'})
     ds['bf16'] = {'enabled': precision == 'bf16'}
+    buffers = dict(teacher.named_buffers())
     engine, *_ = deepspeed.initialize(model=teacher, config=ds)
+    restore_buffers(engine.module, buffers)
     return engine.module.eval()

@@ -13,7 +13,7 @@ from .precond import Precond
 # Building blocks.
 
 class FourierEmbedding(nn.Module):
-    """Sinusoidal embedding of c_noise with fixed log-spaced frequencies."""
+    """Sinusoidal embedding of c_noise with fixed log-spaced frequencies, in fp32."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -21,7 +21,7 @@ class FourierEmbedding(nn.Module):
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         x = c_noise.reshape(-1, 1).float() * self.freqs.float()
-        return torch.cat([x.cos(), x.sin()], dim=1).to(self.freqs.dtype)
+        return torch.cat([x.cos(), x.sin()], dim=1)
 
 class NoiseMLP(nn.Module):
     """Noise-level path: Fourier features -> Linear -> SiLU -> Linear."""
@@ -33,7 +33,7 @@ class NoiseMLP(nn.Module):
         self.layer1 = nn.Linear(emb_dim, emb_dim)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.layer1(F.silu(self.layer0(self.fourier(c_noise))))
+        return self.layer1(F.silu(self.layer0(self.fourier(c_noise).to(self.layer0.weight.dtype))))
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv residual block with an additive embedding, output scaled by 1/sqrt(2)."""
