@@ -114,6 +114,17 @@ def test_teacher_offload_and_resume_are_exact(root):
     assert_close(generator(root, 'straight'), generator(root, 'resumed'), rtol=0, atol=0)
     assert losses(root, 'straight') == losses(root, 'resumed')
 
+def test_bf16_weights_resume_is_exact(root, toy_teacher):
+    """ZeRO-3 with bf16 weights (precision=bf16): the checkpoint holds the fp32 masters, moments and EMA; a resume
+    rounds the masters into the bf16 weights as DeepSpeed's step does, so an interrupted run equals a straight one."""
+    args = ['engine.zero_stage=3', 'engine.precision=bf16', 'train.batch_gpu=8']
+    launch(root, 'bf16-straight', *args, 'train.kimg=0.096', nproc=2)
+    launch(root, 'bf16-resumed', *args, 'train.kimg=0.048', nproc=2)
+    out = launch(root, 'bf16-resumed', *args, 'train.kimg=0.096', nproc=2)
+    assert 'resumed at 0.0 kimg' in out.stderr
+    assert_close(generator(root, 'bf16-straight'), generator(root, 'bf16-resumed'), rtol=0, atol=0)
+    assert losses(root, 'bf16-straight') == losses(root, 'bf16-resumed')
+
 def test_batch_mismatch_is_a_clear_error(root):
     out = subprocess.run(LAUNCH + ['--nproc=2', f'run.root={root}', *BASE, 'train.batch=16', 'train.batch_gpu=3'],
                          capture_output=True, text=True)
