@@ -110,6 +110,12 @@ def validate(cfg: Any) -> None:
     if cfg.teacher.kind == 'exact' and (cfg.data.kind != 'gmm' or cfg.model.teacher is not None):
         problem('teacher.kind=exact is the toy world\'s closed-form denoiser: it needs data=gmm (data.kind=gmm) and '
                 'no model.teacher; use teacher.kind=network for a real teacher')
+    e = cfg.engine
+    if e.bf16_weights and (e.backend != 'deepspeed' or e.zero_stage == 0 or e.precision != 'bf16'):
+        problem(f'engine.bf16_weights=true keeps bf16 weights beside fp32 master weights in DeepSpeed ZeRO 1-3 under '
+                f'bf16 autocast, but engine.backend={e.backend}, engine.zero_stage={e.zero_stage}, '
+                f'engine.precision={e.precision}: set engine.backend=deepspeed engine.zero_stage=1..3 '
+                f'engine.precision=bf16, or engine.bf16_weights=null')
     if cfg.teacher.offload == 'cpu' and cfg.engine.backend != 'deepspeed':
         problem('teacher.offload=cpu runs the teacher as a DeepSpeed ZeRO-3 engine: set engine.backend=deepspeed')
     problems += generate_problems(cfg.generate, cfg.model.label_dim) + cfg.storage.problems()

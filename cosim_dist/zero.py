@@ -34,8 +34,12 @@ def deepspeed_config(micro_batch: int, accum: int, world_size: int, zero_stage: 
         # The module's weights in bf16, the fp32 master weights and Adam's moments in the optimiser: parameter
         # all-gathers move 2 bytes per element. Gradient reductions stay fp32: a bf16 sum over W ranks rounds at every
         # addition (8-bit significand), so small per-rank contributions vanish as W grows; fp32 keeps them.
+        # Gradients accumulate over micro-batches in fp32 too, except under stage 1, where DeepSpeed would then switch
+        # to its BF16_Optimizer (another state layout); there the accumulation stays bf16 (one rounding per round).
         cfg['bf16'] = {'enabled': True}
         cfg['communication_data_type'] = 'fp32'
+        if zero_stage > 1:
+            cfg['data_types'] = {'grad_accum_dtype': 'fp32'}
     return cfg
 
 def _share_scalar_parameters(module: torch.nn.Module, zero_stage: int) -> None:
@@ -74,16 +78,26 @@ class DeepSpeedEngine:
         adam = {'type': 'AdamW', 'params': {'lr': lr, 'betas': list(betas), 'eps': eps, 'weight_decay': 0.0,
                                             'torch_adam': True, 'fused': on_cuda(module)}}
         self.zero_stage, self.constraint, self.bf16 = zero_stage, constraint, bf16_weights and zero_stage > 0
+        self.rows = zero_stage > 0 and constraint is not None       # the constraint works on the master elements
+        if self.rows and constraint.row_scale is None:
+            raise ValueError('a weight constraint under ZeRO 1-3 must be row-wise (WeightConstraint.row_scale)')
         initial = {name: p.detach() for name, p in module.named_parameters()} if self.bf16 else {}  # DeepSpeed casts
         buffers = {name: b for name, b in module.named_buffers()} if self.bf16 else {}          # the module to bf16
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
                                                config=deepspeed_config(micro_batch, accum, world_size,
                                                                        zero_stage, adam, self.bf16))
-        for name, values in initial.items():
+        for name, values in initial.items():      # rank 0's values, as DeepSpeed's broadcast of the module
+            if torch.distributed.is_initialized():
+                torch.distributed.broadcast(values, src=0)
             start, end = self.state_range(name, 'param')
             self.set_state(name, 'param', values.reshape(-1)[start:end])
         restore_buffers(module, buffers)
-        self._project()
+        if self.rows:
+            self._project_rows()
+            self._refresh_module()
+            self._project_inside_step()
+        else:
+            self._project()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -95,55 +109,68 @@ class DeepSpeedEngine:
     def step(self) -> None:
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        if boundary:
+        if boundary and not self.rows:
             self._project()
 
     @torch.no_grad()
     def _project(self) -> None:
-        """The constraint on the module's weights and on ZeRO's fp32 master partitions (which would otherwise
-        overwrite the module's at the next step). Under ZeRO-3 a row-wise constraint works on the partitions
-        (`_project_rows`): no parameter is gathered."""
-        if self.constraint is None:
-            return
-        if self.zero_stage > 0 and self.constraint.row_scale is not None:
-            self._project_rows()
-            return
-        from deepspeed.utils import safe_set_full_fp32_param
-        for p in self.constraint.params:
-            value = self.constraint.project(p.data.float())
-            if self.zero_stage > 0:
-                safe_set_full_fp32_param(p, value)
-            p.data.copy_(value)
+        """Without ZeRO: the constraint on the module's weights (they are the optimiser's)."""
+        for p in self.constraint.params if self.constraint else []:
+            p.data.copy_(self.constraint.project(p.data.float()))
 
+    def _project_inside_step(self) -> None:
+        """Under ZeRO 1-3 the row-wise constraint runs inside DeepSpeed's step, right after Adam has updated the fp32
+        master partitions (the last of the optimiser's calls for its groups) and before DeepSpeed copies them into the
+        module's weights and gathers those: the module then holds the projected master, rounded once, with no gather
+        of our own. A step DeepSpeed skips (an overflow) calls no Adam and projects nothing."""
+        opt, inner = self.engine.optimizer, self.engine.optimizer.optimizer
+        groups = len(opt.fp16_groups if self.zero_stage == 3 else opt.bit16_groups)
+        adam_step, calls = inner.step, [0]
+
+        def step(*args, **kwargs):
+            out = adam_step(*args, **kwargs)
+            calls[0] += 1
+            if calls[0] % groups == 0:
+                self._project_rows()
+            return out
+        inner.step = step
+
+    @torch.no_grad()
+    def _refresh_module(self) -> None:
+        """Collective: the module's weights from the master elements of every rank, outside a step (construction).
+        ZeRO-3 gathers its partitions at the first forward."""
+        opt = self.engine.optimizer
+        if self.zero_stage < 3:
+            opt.update_lp_params()                      # each rank's master partition into the weights, all-gathered
+        else:
+            assert not any(p.data.numel() for p in opt.persistent_parameters), 'ZeRO-3 weights gathered at start'
+
+    @torch.no_grad()
     def _project_rows(self) -> None:
         """A row-wise constraint (EDM2's Eq. 66: each output row scaled by a function of its sum of squares) on the fp32
         master elements each rank holds (`_master`): every rank adds up the squares of its own elements per row, one
         all-reduce of those sums (a vector of output channels per weight, all weights at once), and every rank scales
-        its master elements and the module's: its ZeRO-3 partition (and the whole weight where DeepSpeed keeps a
-        small one gathered), or under ZeRO 1/2 the whole replicated weight (all row scales are known everywhere). With
-        fp32 weights the module's elements equal the master's and are scaled exactly alike; with bf16 weights they are
-        rounded once more, and DeepSpeed's next gather replaces them with the rounded master."""
+        its master elements and writes them into its own part of the module's weights (the ZeRO-3 partition, or its
+        ZeRO-1/2 fragment of the replicated weight); DeepSpeed's gather (or `_refresh_module`) brings the rest."""
         pieces = []
         for p in self.constraint.params:
             master, (start, end) = self._master(p)
             numel, rows = (p.ds_numel, p.ds_shape[0]) if self.zero_stage == 3 else (p.numel(), p.shape[0])
             row = torch.arange(start, end, device=master.device) // (numel // rows)
-            pieces.append((p, master, row, rows, numel))
+            pieces.append((p, master, (start, end), row, rows, numel))
         if not pieces:
             return
         sums = torch.cat([torch.zeros(rows, device=m.device).index_add_(0, row, m.float().square())
-                          for _, m, row, rows, _ in pieces])
+                          for _, m, _, row, rows, _ in pieces])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         at = 0
-        for p, m, row, rows, numel in pieces:
+        for p, m, (start, end), row, rows, numel in pieces:
             scale = self.constraint.row_scale(sums[at:at + rows], numel // rows)
             at += rows
             m.mul_(scale[row].to(m.dtype))
-            if self.zero_stage == 3:
-                p.ds_tensor.data.view(-1)[:m.numel()].copy_(m)
-            if self.zero_stage < 3 or (getattr(p, 'ds_persist', False) and p.data.numel() == numel):
-                p.data.mul_(scale.reshape(-1, *[1] * (p.data.dim() - 1)).to(p.dtype))
+            own = p.ds_tensor.data.view(-1)[:m.numel()] if self.zero_stage == 3 else p.data.view(-1)[start:end]
+            own.copy_(m)
 
     def _master(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, tuple[int, int]]:
         """This rank's fp32 master elements of `p` (flat, a detached view of the optimiser's partition: writes reach it,

@@ -33,21 +33,30 @@ def finish(fault_root, name: str, store, kimg: float, nproc: int) -> str:
     assert proc.returncode == 0, out[-3000:]
     return out
 
+def running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
 def kill_tree(proc: subprocess.Popen, settle_s: float = 1.0) -> None:
     """kill -9 the launcher and every process under it, then wait until all are gone. torchrun starts each rank in a
     session of its own, so killing the launcher's session would leave the ranks training on (and committing) as
     orphans. The settle time lets the store finish a request whose bytes were sent just before the kill."""
-    root = psutil.Process(proc.pid)
-    tree = [root, *root.children(recursive=True)]
-    for p in tree:                                  # freeze first: nobody spawns or commits while we kill
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.suspend()
+    root, tree = psutil.Process(proc.pid), []
+    while len(tree) < len(found := [root, *root.children(recursive=True)]):   # freeze first, until no process is new:
+        tree = found                                                          # nobody spawns or commits while we kill
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.suspend()
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=60)
-    assert not alive, f'{alive} outlived kill -9 by 60 s'
+    deadline = time.monotonic() + 60                # orphaned ranks are not our children: poll, zombies count as gone
+    while alive := [p for p in tree if running(p)]:
+        assert time.monotonic() < deadline, f'{alive} outlived kill -9 by 60 s'
+        time.sleep(0.05)
     time.sleep(settle_s)
 
 def damage_one_shard(store, nimg: int, rng: random.Random) -> str:
