@@ -55,15 +55,6 @@ def _share_scalar_parameters(module: torch.nn.Module, zero_stage: int) -> None:
             else:
                 p.ds_optim_param = True
 
-def restore_buffers(module: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
-    """Put back the buffers a bf16 cast of the whole module replaced: constants stay as built (EDM2's and the toy's
-    Fourier frequencies and phases: rounded to bf16 they would shift the embedding's phase by up to 2^-9 of its
-    argument, ~0.1 rad for EDM2's frequencies)."""
-    for name, b in buffers.items():
-        owner, _, leaf = name.rpartition('.')
-        m = module.get_submodule(owner)
-        m.register_buffer(leaf, b, persistent=leaf not in m._non_persistent_buffers_set)
-
 class DeepSpeedEngine:
     """A DeepSpeed engine with its own optimiser and config (one per trained network)."""
 
@@ -82,7 +73,6 @@ class DeepSpeedEngine:
         if self.rows and constraint.row_scale is None:
             raise ValueError('a weight constraint under ZeRO 1-3 must be row-wise (WeightConstraint.row_scale)')
         initial = {name: p.detach() for name, p in module.named_parameters()} if self.bf16 else {}  # DeepSpeed casts
-        buffers = {name: b for name, b in module.named_buffers()} if self.bf16 else {}          # the module to bf16
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
                                                config=deepspeed_config(micro_batch, accum, world_size,
                                                                        zero_stage, adam, self.bf16))
@@ -91,7 +81,6 @@ class DeepSpeedEngine:
                 torch.distributed.broadcast(values, src=0)
             start, end = self.state_range(name, 'param')
             self.set_state(name, 'param', values.reshape(-1)[start:end])
-        restore_buffers(module, buffers)
         if self.rows:
             self._project_rows()
             self._refresh_module()
@@ -183,8 +172,16 @@ class DeepSpeedEngine:
                     .detach()[:end - start], (start, end))
         if p._hp_mapping is None:
             return torch.empty(0, device=p.device), (0, 0)
+        return p._hp_mapping.get_hp_fragment().detach().view(-1), self._fragment(p)
+
+    @staticmethod
+    def _fragment(p: torch.nn.Parameter) -> tuple[int, int]:
+        """ZeRO-1/2: the elements [start, end) of the flattened parameter in this rank's fragment of the flat fp32
+        partition ((0, 0): none)."""
+        if p._hp_mapping is None:
+            return 0, 0
         fragment = p._hp_mapping.lp_fragment_address
-        return p._hp_mapping.get_hp_fragment().detach().view(-1), (fragment.start, fragment.start + fragment.numel)
+        return fragment.start, fragment.start + fragment.numel
 
     def _partition(self, p: torch.nn.Parameter) -> tuple[int, int]:
         """ZeRO-3: the elements [start, end) of the flattened parameter in this rank's partition (`ds_tensor`, whose
@@ -211,7 +208,7 @@ class DeepSpeedEngine:
         `local` elements of parameter `name` (laid out as `local_parameters` gives them); otherwise `local` itself."""
         p = self.module.get_parameter(name)
         if self.zero_stage < 3 and self.bf16:                 # fragments of any length: each rank adds its own
-            start, end = self._master(p)[1]
+            start, end = self._fragment(p)
             full = torch.zeros(p.numel(), dtype=local.dtype, device=local.device)
             full[start:end] = local
             torch.distributed.all_reduce(full)
@@ -268,8 +265,7 @@ class DeepSpeedEngine:
             return self._partition(p)
         if self.zero_stage == 0 or kind == 'param':
             return 0, p.numel()
-        fragment = p._hp_mapping.lp_fragment_address if p._hp_mapping is not None else None
-        return (fragment.start, fragment.start + fragment.numel) if fragment else (0, 0)
+        return self._fragment(p)
 
     @torch.no_grad()
     def set_state(self, name: str, kind: str, values: torch.Tensor) -> None:
@@ -292,8 +288,8 @@ class DeepSpeedEngine:
         if key is None:
             p.data.copy_(values.reshape(p.shape))
         if p._hp_mapping is not None:                  # this rank's fragment of the flat fp32 partition
-            fragment = p._hp_mapping.lp_fragment_address
-            source = values if key is not None else values[fragment.start:fragment.start + fragment.numel]
+            start, end = self._fragment(p)
+            source = values if key is not None else values[start:end]
             p._hp_mapping.get_hp_fragment(key).data.copy_(source.reshape(-1))
 
     def adam_step(self) -> int:
@@ -310,7 +306,8 @@ class DeepSpeedEngine:
 def place_teacher(teacher: torch.nn.Module, cfg: TeacherConfig, device: torch.device,
                   world_size: int) -> torch.nn.Module:
     """Eval mode, no parameter gradients (inputs stay differentiable), the parameters in the configured precision
-    (buffers stay as built, see restore_buffers), in the configured place."""
+    (the buffers stay as built: EDM2's Fourier frequencies in bf16 would shift the noise embedding's phase by up to
+    ~0.1 rad; DeepSpeed's bf16 mode casts parameters only), in the configured place."""
     precision = cfg.precision if cfg.precision != 'auto' else ('bf16' if device.type == 'cuda' else 'fp32')
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
     teacher = teacher.eval().requires_grad_(False)
@@ -324,7 +321,5 @@ def place_teacher(teacher: torch.nn.Module, cfg: TeacherConfig, device: torch.de
     ds = deepspeed_config(1, 1, world_size, 3, None)
     ds['zero_optimization'].update(offload_param={'device': 'cpu', 'pin_memory': device.type == 'cuda'})
     ds['bf16'] = {'enabled': precision == 'bf16'}
-    buffers = dict(teacher.named_buffers())
     engine, *_ = deepspeed.initialize(model=teacher, config=ds)
-    restore_buffers(engine.module, buffers)
     return engine.module.eval()
