@@ -2,9 +2,7 @@
 """Checkout shim of the `cosim-launch` console script: `python launch.py [--dry-run] [group=name ...] [key=value ...]`
 runs cosim_dist/launch.py (its --help tells the rest)."""
 
-import sys
-
-from cosim_dist.launch import main
+from cosim_dist.launch import cli
 
 if __name__ == '__main__':
-    sys.exit(main())
+    cli()

@@ -3,13 +3,11 @@ A partially set environment is an error that lists what is missing."""
 
 import dataclasses
 import datetime
-import logging
 import os
 import pathlib
 import re
 import socket
 import subprocess
-import sys
 from collections.abc import Mapping
 
 import torch
@@ -116,18 +114,6 @@ def free_port() -> int:
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-def exit_process(code: int) -> None:
-    """End this process with `code`. A rank of a multi-process job (torchrun or srun: its task has finished, its
-    process group is destroyed, its logs and uploads are closed) leaves without interpreter teardown: there, C++
-    threads of gloo / the TCPStore / DeepSpeed's CPU comm op that are still joinable made the finished process abort
-    now and then ("terminate called without an active exception", SIGABRT, exit code -6 after a committed run)."""
-    if int(os.environ.get('WORLD_SIZE', '1')) > 1 or int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
 
 def barrier() -> None:
     if torch.distributed.is_initialized():

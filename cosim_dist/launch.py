@@ -5,7 +5,10 @@ With no arguments it runs the embedded default locally: pretrain (or reuse) the 
 with CoSIM, evaluate against exact ground truth and print the table."""
 
 import argparse
+import logging
+import os
 import sys
+from typing import NoReturn
 
 from .config import ConfigError, batch_layout, load_config, to_yaml
 
@@ -62,6 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-if __name__ == '__main__':
-    from .distributed import exit_process
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code`. A rank of a multi-process job (torchrun or srun: its task has finished, its
+    process group is destroyed, its logs and uploads are closed) leaves without interpreter teardown: there, C++
+    threads of gloo / the TCPStore / DeepSpeed's CPU comm op that are still joinable made the finished process abort
+    now and then ("terminate called without an active exception", SIGABRT, exit code -6 after a committed run)."""
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 or int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+def cli() -> NoReturn:
+    """Every entry point (`cosim-launch`, `python launch.py`, `python -m cosim_dist.launch`) ends here."""
     exit_process(main())
+
+if __name__ == '__main__':
+    cli()

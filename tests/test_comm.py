@@ -49,12 +49,13 @@ def test_lower_bound_per_stage():
 def test_bench_reports_collective_bytes_against_the_lower_bound(tmp_path, stage):
     """A 2-rank DeepSpeed toy benchmark: bench.json carries the measured bytes per rank by operation and by phase
     (which add up to the total) and the lower bound, which the measurement never beats; the EMA step moves nothing."""
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
-                    str(REPO / 'launch.py'), 'task=bench', f'run.root={tmp_path}', 'run.name=b',
-                    'engine.backend=deepspeed', f'engine.zero_stage={stage}', 'bench.warmup=1', 'bench.iters=1',
-                    'logging.wandb=disabled', 'logging.progress=false', 'model.net.model_channels=16'],
-                   check=True, timeout=600, capture_output=True,
-                   env={**os.environ, 'PYTHONPATH': str(REPO), 'DS_ACCELERATOR': 'cpu'})
+    done = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                           str(REPO / 'launch.py'), 'task=bench', f'run.root={tmp_path}', 'run.name=b',
+                           'engine.backend=deepspeed', f'engine.zero_stage={stage}', 'bench.warmup=1', 'bench.iters=1',
+                           'logging.wandb=disabled', 'logging.progress=false', 'model.net.model_channels=16'],
+                          timeout=600, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': str(REPO), 'DS_ACCELERATOR': 'cpu'})
+    assert done.returncode == 0, done.stderr[-4000:]
     r = json.loads((tmp_path / 'b' / 'bench.json').read_text())
     total = r['comm_bytes_per_iter']
     assert total == sum(r['comm_bytes_by_op'].values()) == sum(r['comm_bytes_by_phase'].values())
