@@ -1,15 +1,19 @@
-"""World-size-free training state: every fp32 tensor of the state (parameters, Adam moments, EMA) is stored once, in one
-global order, cut at save into contiguous per-rank shard files (`shard-R-of-W.bin`, raw little-endian float32, with an
-index `shard-R-of-W.json`: tensor names, shapes, offsets and a sha256 per block of the file). A resume on any number of
-ranks M gives rank r the byte range [r/M, (r+1)/M) of the global order: it reads only that range (ranged reads, widened
+"""World-size-free training state: every fp32 tensor of the state (parameters, Adam moments, EMA) is stored once, in
+per-rank shard files (`shard-R-of-W.bin`, raw little-endian float32, with an index `shard-R-of-W.json`: tensor names,
+shapes, which elements of each tensor the file holds, offsets and a sha256 per block of the file). At save each rank
+writes what it holds: its elements of a partitioned tensor (its ZeRO partition or fragment), and a tensor every rank
+holds whole once, by one writer; no rank gathers anything. The files, concatenated in rank order, are the global order.
+A resume on the writers' number of ranks gives rank r the file it wrote (it reads its own partitions and nothing
+else); on any other number M rank r reads the element range [r/M, (r+1)/M) of the global order (ranged reads, widened
 to whole blocks so that each block is verified), and all-to-alls then hand every rank the elements it holds (its ZeRO
-partitions, or whole tensors where it keeps a full copy) from the ranks that read them. No rank fetches a whole file it
-does not own, and none receives a partition it does not hold; a corrupt or missing block fails the load on every rank
-(`CorruptState`) before any tensor is set.
+partitions, or whole tensors where it keeps a full copy) from the ranks that read them. No rank fetches a whole file
+it does not own, and none receives a partition it does not hold; a corrupt or missing block fails the load on every
+rank (`CorruptState`) before any tensor is set.
 
 DeepSpeed's own checkpoints are tied to the world size that wrote them and its universal checkpoints load every full
 parameter on every rank (docs/ARCHITECTURE.md, "Engineering choices"); here each rank reads 1/M of the bytes."""
 
+import bisect
 import hashlib
 import json
 import math
@@ -28,9 +32,12 @@ class CorruptState(RuntimeError):
     """A shard block did not match its hash, or a shard was missing or short (on some rank)."""
 
 Spec = tuple[str, tuple[int, ...]]        # (tensor name, shape)
+FORMAT = 'cosim-dist elastic state 2'     # 1: every tensor whole in one file (read as one piece)
 
 def shard_name(rank: int, world: int) -> str:
     return f'shard-{rank:05d}-of-{world:05d}'
+
+Range = tuple[int, int]  # elements [a, b) of a tensor's flattened values, or of the global order
 
 def save_owners(sizes: Sequence[int], world: int) -> list[int]:
     """Writer of each tensor: contiguous runs of the global order, cut where the running byte count crosses k/world."""
@@ -39,6 +46,26 @@ def save_owners(sizes: Sequence[int], world: int) -> list[int]:
         owners.append(min(world - 1, (start + n // 2) * world // total))
         start += n
     return owners
+
+def save_plan(specs: Sequence[Spec], holdings: Sequence[Sequence[Range]], world: int) -> list[dict[int, Range]]:
+    """Who writes which elements of each tensor, `{rank: (a, b)}`: `holdings[r][i]` are the elements of tensor i that
+    rank r holds. A tensor every rank holds whole is written once (its writer from `save_owners` over those tensors);
+    a partitioned one by each rank that holds a part, its own elements, which must tile the tensor."""
+    sizes = [math.prod(shape) for _, shape in specs]
+    whole = [all(tuple(h[i]) == (0, n) for h in holdings) for i, n in enumerate(sizes)]
+    owners = save_owners([n if w else 0 for n, w in zip(sizes, whole, strict=True)], world)
+    plan = []
+    for i, n in enumerate(sizes):
+        if whole[i]:
+            plan.append({owners[i]: (0, n)})
+            continue
+        parts = sorted((tuple(h[i]), r) for r, h in enumerate(holdings) if h[i][0] < h[i][1])
+        if [a for (a, _), _ in parts] != [0] + [b for (_, b), _ in parts[:-1]] or parts[-1][0][1] != n:
+            raise ValueError(f'state tensor {specs[i][0]}: the ranks hold {[rng for rng, _ in parts]} of its {n} '
+                             f'elements, which do not tile it (each element must be held by exactly one rank or by '
+                             f'all)')
+        plan.append({r: rng for rng, r in parts})
+    return plan
 
 def block_size(nbytes: int) -> int:
     return min(BLOCK_MAX, max(BLOCK_MIN, 1 << max(0, math.ceil(math.log2(max(nbytes, 1) / 256)))))
@@ -65,14 +92,17 @@ class _HashingWriter:
     def block_hashes(self) -> list[str]:
         return self.blocks + ([self.part.hexdigest()] if self.fill else [])
 
-def save_state(directory: pathlib.Path, specs: Sequence[Spec], get: Callable[[int], torch.Tensor], rank: int,
+def save_state(directory: pathlib.Path, specs: Sequence[Spec], holdings: Sequence[Sequence[Range]],
+               get: Callable[[int], torch.Tensor], local: Callable[[int], torch.Tensor], rank: int,
                world: int) -> tuple[str, dict[str, str]]:
-    """Collective: `get(i)` is called on every rank for every tensor in order (it may be a collective gather); the
-    tensor's writer appends it to its shard, then writes the shard's index. Returns (failure, digests): a write error
-    (a full disk) does not stop the collective sequence but is returned ('' on success) for the caller to agree on
-    with the other ranks; `digests` maps the shard file's name to its sha256 (for the checkpoint manifest)."""
-    owners = save_owners([math.prod(shape) for _, shape in specs], world)
-    mine = sum(math.prod(shape) * ITEM for (_, shape), owner in zip(specs, owners, strict=True) if owner == rank)
+    """Collective where `get` is: `get(i)` (the full tensor) is called on every rank for every tensor that all ranks
+    hold whole, in order, and its writer appends it to its shard; `local(i)` (this rank's elements, `holdings[rank][i]`)
+    only on the ranks that write a part of a partitioned tensor (save_plan). Then the shard's index is written.
+    Returns (failure, digests): a write error (a full disk) does not stop the collective sequence but is returned ('' on
+    success) for the caller to agree on with the other ranks; `digests` maps the shard file's name to its sha256 (for
+    the checkpoint manifest)."""
+    plan = save_plan(specs, holdings, world)
+    mine = sum((part[rank][1] - part[rank][0]) * ITEM for part in plan if rank in part)
     name, entries, offset, failure, out = shard_name(rank, world), [], 0, '', None
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -80,23 +110,26 @@ def save_state(directory: pathlib.Path, specs: Sequence[Spec], get: Callable[[in
     except OSError as e:
         failure = f'{type(e).__name__}: {e}'
     for i, (key, shape) in enumerate(specs):
-        value = get(i)
-        if owners[i] != rank or failure:
+        whole = len(plan[i]) == 1 and next(iter(plan[i].values())) == (0, math.prod(shape))
+        value = get(i) if whole else (local(i) if rank in plan[i] else None)
+        if rank not in plan[i] or failure:
             continue
+        a, b = plan[i][rank]
         data = value.detach().to('cpu', torch.float32).contiguous().reshape(-1)
-        if data.numel() != math.prod(shape):
-            raise ValueError(f'state tensor {key}: {data.numel()} elements, expected shape {shape}')
+        if data.numel() != b - a:
+            raise ValueError(f'state tensor {key}: {data.numel()} elements, expected {b - a} (elements {a}-{b} of '
+                             f'shape {shape})')
         try:
             out.write(memoryview(data.numpy()).cast('B'))
         except OSError as e:
             failure = f'{type(e).__name__}: {e}'
-        entries.append({'name': key, 'shape': list(shape), 'offset': offset})
+        entries.append({'name': key, 'shape': list(shape), 'elements': [a, b], 'offset': offset})
         offset += data.numel() * ITEM
     try:
         if out is not None:
             out.f.close()
         if not failure:
-            index = {'format': 'cosim-dist elastic state 1', 'rank': rank, 'world_size': world, 'file': f'{name}.bin',
+            index = {'format': FORMAT, 'rank': rank, 'world_size': world, 'file': f'{name}.bin',
                      'bytes': offset, 'block': out.block, 'sha256': out.block_hashes(), 'tensors': entries}
             (directory / f'{name}.json').write_text(json.dumps(index))
     except OSError as e:
@@ -109,22 +142,44 @@ class Layout:
     """The global order of a saved state, from the writers' indexes (all of them, in writer-rank order)."""
 
     def __init__(self, indexes: Sequence[dict]) -> None:
-        self.indexes, self.tensors, base = list(indexes), {}, 0
+        self.indexes, self.shapes, base = list(indexes), {}, 0
+        self.pieces: dict[str, list[tuple[int, int, int]]] = {}    # name: (a, b, first global element), by a
         for ix in self.indexes:
             for t in ix['tensors']:
-                self.tensors[t['name']] = (base + t['offset'], tuple(t['shape']))
+                a, b = t.get('elements', (0, math.prod(t['shape'])))    # format 1: whole tensors
+                self.shapes[t['name']] = tuple(t['shape'])
+                self.pieces.setdefault(t['name'], []).append((a, b, (base + t['offset']) // ITEM))
             ix['base'] = base
             base += ix['bytes']
+        for pieces in self.pieces.values():
+            pieces.sort()
         self.total = base
 
     def check(self, specs: Sequence[Spec]) -> None:
-        """The saved tensors must be the ones this run's networks hold, with the same shapes."""
+        """The saved tensors must be the ones this run's networks hold, with the same shapes, each whole."""
         want = {k: tuple(s) for k, s in specs}
-        have = {k: s for k, (_, s) in self.tensors.items()}
-        if want != have:
-            diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        if want != self.shapes:
+            diff = sorted(set(want) ^ set(self.shapes)) or sorted(k for k in want if want[k] != self.shapes[k])
             raise ValueError(f'the checkpoint holds another network than this run builds (first differences: '
                              f'{diff[:3]}); resume with the configuration that wrote it')
+        for name, pieces in self.pieces.items():
+            ends = [0] + [b for _, b, _ in pieces]
+            if [a for a, _, _ in pieces] != ends[:-1] or ends[-1] != math.prod(self.shapes[name]):
+                raise CorruptState(f'the shard indexes hold elements {[(a, b) for a, b, _ in pieces]} of {name}, '
+                                   f'not all {math.prod(self.shapes[name])} of them')
+
+    def tensor(self, read_range: Callable[[str, int, int], bytes], name: str) -> torch.Tensor:
+        """One whole saved tensor (verified, a writable copy), reading only its pieces."""
+        parts = [as_floats(self.read(read_range, g * ITEM, (g + b - a) * ITEM)) for a, b, g in self.pieces[name]]
+        return torch.cat(parts).view(self.shapes[name])
+
+    def spans(self, world: int) -> list[Range]:
+        """The elements of the global order that each of `world` ranks reads on a resume: on the writers' number of
+        ranks the file each one wrote (its own partitions), on any other an even cut."""
+        if len(self.indexes) == world:
+            return [(ix['base'] // ITEM, (ix['base'] + ix['bytes']) // ITEM) for ix in self.indexes]
+        n = self.total // ITEM
+        return [(r * n // world, (r + 1) * n // world) for r in range(world)]
 
     @staticmethod
     def _bad_block(ix: dict, data: bytes, first: int) -> int | None:
@@ -183,18 +238,11 @@ def as_floats(data: memoryview) -> torch.Tensor:
         warnings.filterwarnings('ignore', message='The given buffer is not writable')
         return torch.frombuffer(data, dtype=torch.float32)
 
-def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
-    """The byte range of the global order that `rank` of `world` reads on a resume (element-aligned)."""
-    n = total // ITEM
-    return rank * n // world * ITEM, (rank + 1) * n // world * ITEM
-
-CHUNK = 256 << 20        # bytes of the global order routed per all-to-all on a resume (bounds the buffers)
-
-Range = tuple[int, int]  # elements [a, b) of a tensor's flattened values
-
 def _overlap(a: Range, b: Range) -> Range | None:
     lo, hi = max(a[0], b[0]), min(a[1], b[1])
     return (lo, hi) if lo < hi else None
+
+CHUNK = 256 << 20        # bytes of the global order routed per all-to-all on a resume (bounds the buffers)
 
 def _chunks(specs: Sequence[Spec]) -> Iterator[range]:
     """Consecutive tensors of at most CHUNK bytes together (a larger tensor alone)."""
@@ -207,15 +255,43 @@ def _chunks(specs: Sequence[Spec]) -> Iterator[range]:
         yield range(first, last)
         first = last
 
+Route = dict[int, list[tuple[int, int, int]]]   # peer rank: [(global a, global b, first tensor element)], in order
+
+def _routes(layout: Layout, specs: Sequence[Spec], spans: Sequence[Range], held: Sequence[Sequence[Range]],
+            rank: int) -> tuple[list[Route], list[Route]]:
+    """Per tensor: what this rank sends (from the span it read, to each holder) and what it receives (its holding,
+    from each reader), as global element ranges in piece order (the same list on both ends of every pair)."""
+    sends, gets = [], []
+    starts = [a for a, _ in spans]
+    for i, (key, _) in enumerate(specs):
+        send: Route = {}
+        get: Route = {}
+        for a, b, g in layout.pieces[key]:
+            if (read := _overlap(spans[rank], (g, g + b - a))):
+                for q, h in enumerate(held):
+                    if (x := _overlap((a + read[0] - g, a + read[1] - g), h[i])):
+                        send.setdefault(q, []).append((g + x[0] - a, g + x[1] - a, x[0]))
+            if (x := _overlap((a, b), held[rank][i])):
+                lo, hi = g + x[0] - a, g + x[1] - a
+                for s in range(max(0, bisect.bisect_right(starts, lo) - 1), len(spans)):
+                    if spans[s][0] >= hi:
+                        break
+                    if (y := _overlap(spans[s], (lo, hi))):
+                        get.setdefault(s, []).append((y[0], y[1], a + y[0] - g))
+        sends.append(send)
+        gets.append(get)
+    return sends, gets
+
 def load_state(layout: Layout, specs: Sequence[Spec], read_range: Callable[[str, int, int], bytes],
                wants: Sequence[Range], set_: Callable[[int, torch.Tensor], None], rank: int, world: int,
                device: torch.device = torch.device('cpu')) -> int:
-    """Collective: read this rank's share of the global order (verified) and agree that every rank succeeded; then
-    route every piece of the global order from the rank that read it to the ranks that hold it (`wants[i]`: the
-    elements of tensor i this rank holds, its ZeRO partition or the whole tensor), one all-to-all per chunk of
-    tensors, and hand `set_(i, values)` those elements, flat. Returns the bytes this rank read."""
+    """Collective: read this rank's span of the global order (`Layout.spans`, verified) and agree that every rank
+    succeeded; then route every piece from the rank that read it to the ranks that hold it (`wants[i]`: the elements
+    of tensor i this rank holds, its ZeRO partition or the whole tensor), one all-to-all per chunk of tensors, and hand
+    `set_(i, values)` those elements, flat. Returns the bytes this rank read."""
     layout.check(specs)
-    lo, hi = rank_range(layout.total, rank, world)
+    spans = layout.spans(world)
+    own, end = spans[rank]
     counted: list[int] = []
 
     def counting(file: str, start: int, end: int) -> bytes:
@@ -225,44 +301,30 @@ def load_state(layout: Layout, specs: Sequence[Spec], read_range: Callable[[str,
         counted.append(len(data))
         return data
 
-    mine = agree_on_reads(lambda: as_floats(layout.read(counting, lo, hi)) if hi > lo else torch.empty(0),
-                          'the state shards')
-    read = [tuple(x // ITEM for x in rank_range(layout.total, r, world)) for r in range(world)]  # global elements
+    mine = agree_on_reads(lambda: as_floats(layout.read(counting, own * ITEM, end * ITEM)) if end > own
+                          else torch.empty(0), 'the state shards')
     held = gather_object([tuple(w) for w in wants])                                       # every rank's wants
-    base = [layout.tensors[key][0] // ITEM for key, _ in specs]
-    own = lo // ITEM                                     # the first global element of `mine`
-
-    def piece(i: int, reader: int, holder: int) -> Range | None:
-        """The global elements of tensor i that `reader` read and `holder` holds."""
-        a, b = held[holder][i]
-        return _overlap(read[reader], (base[i] + a, base[i] + b))
-
+    sends, gets = _routes(layout, specs, spans, held, rank)
     for chunk in _chunks(specs):
-        sends = [[p for i in chunk if (p := piece(i, rank, q))] for q in range(world)]
-        gets = [[piece(i, s, rank) for i in chunk] for s in range(world)]
-        outgoing = torch.cat([mine[a - own:b - own] for q in sends for a, b in q] + [torch.empty(0)]).to(device)
+        out = [[(a, b) for i in chunk for a, b, _ in sends[i].get(q, ())] for q in range(world)]
+        into = [[(k, a, b, e) for k, i in enumerate(chunk) for a, b, e in gets[i].get(s, ())] for s in range(world)]
+        outgoing = torch.cat([mine[a - own:b - own] for q in out for a, b in q] + [torch.empty(0)]).to(device)
         incoming = outgoing
         if world > 1:
-            incoming = torch.empty(sum(b - a for g in gets for a, b in filter(None, g)), device=device)
-            torch.distributed.all_to_all_single(incoming, outgoing,
-                                                [sum(b - a for a, b in filter(None, g)) for g in gets],
-                                                [sum(b - a for a, b in q) for q in sends])
+            incoming = torch.empty(sum(b - a for s in into for _, a, b, _ in s), device=device)
+            torch.distributed.all_to_all_single(incoming, outgoing, [sum(b - a for _, a, b, _ in s) for s in into],
+                                                [sum(b - a for a, b in q) for q in out])
         values: list[torch.Tensor | None] = [None] * len(chunk)
         at = 0
-        for g in gets:                                 # senders in rank order, their pieces in tensor order
-            for k, p in enumerate(g):
-                if not p:
-                    continue
-                a, b = held[rank][chunk[k]]
-                if p[1] - p[0] == b - a:               # one sender had all of it: a view, no copy
-                    values[k] = incoming[at:at + b - a]
-                else:
-                    if values[k] is None:
-                        values[k] = torch.empty(b - a, device=device)
-                    start = p[0] - base[chunk[k]] - a
-                    values[k][start:start + p[1] - p[0]].copy_(incoming[at:at + p[1] - p[0]])
-                at += p[1] - p[0]
-        values = [torch.empty(0, device=device) if v is None else v for v in values]
+        for k, a, b, e in (piece for s in into for piece in s):      # senders in rank order, then tensor order
+            lo, hi = held[rank][chunk[k]]
+            if b - a == hi - lo:                       # one sender had all of it: a view, no copy
+                values[k] = incoming[at:at + b - a]
+            else:
+                if values[k] is None:
+                    values[k] = torch.empty(hi - lo, device=device)
+                values[k][e - lo:e - lo + b - a].copy_(incoming[at:at + b - a])
+            at += b - a
         for k, i in enumerate(chunk):
-            set_(i, values[k])
+            set_(i, torch.empty(0, device=device) if values[k] is None else values[k])
     return sum(counted)

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import pathlib
 import shutil
 from collections.abc import Callable
@@ -21,8 +20,8 @@ import torch
 from . import cosim
 from .checkpoint import StepReader
 from .config import ConfigError, KernelConfig, LossConfig, TrainConfig
-from .distributed import any_rank, rank_mean
-from .elastic import ITEM, CorruptState, Layout, agree_on_reads, as_floats, load_state, save_state
+from .distributed import any_rank, gather_object, rank_mean
+from .elastic import CorruptState, Layout, agree_on_reads, load_state, save_state
 from .ema import GeneratorEMA
 from .engines import autocast, state_specs
 from .logging import RunLogger, log
@@ -99,14 +98,18 @@ class Trainer:
                 + [(f'ema/{k}', tuple(p.shape)) for k, p in self.ema.named_parameters()])
 
     def _state_access(self, specs):
-        """(get(i), wants, set(i, values)) over the tensors of `specs`: engine state through the engines, the EMA from
-        this rank's elements (each rank holds its partitions, or all)."""
+        """(get(i), local(i), wants, set(i, values)) over the tensors of `specs`: engine state through the engines, the
+        EMA from this rank's elements (each rank holds its partitions, or all)."""
         engines = {'g': self.g, 'aux': self.aux}
         parts = [key.split('/') for key, _ in specs]         # [net, name, kind] or ['ema', name]
 
         def get(i: int) -> torch.Tensor:
             net, name, *kind = parts[i]
             return self.averaged.get_full(name) if net == 'ema' else engines[net].get_full(name, kind[0])
+
+        def local(i: int) -> torch.Tensor:
+            net, name, *kind = parts[i]
+            return self.averaged.local[name] if net == 'ema' else engines[net].get_local(name, kind[0])
 
         def set_(i: int, values: torch.Tensor) -> None:
             net, name, *kind = parts[i]
@@ -116,7 +119,7 @@ class Trainer:
                 engines[net].set_state(name, kind[0], values)
         wants = [self.averaged.range[name] if net == 'ema' else engines[net].state_range(name, kind[0])
                  for net, name, *kind in parts]
-        return get, wants, set_
+        return get, local, wants, set_
 
     def diagnostics(self) -> dict[str, float]:
         """Collective (ZeRO-3 gathers t_gain). This rank's sigma_s quantiles in the generator steps since the last
@@ -139,7 +142,8 @@ class Trainer:
                 'ema_net': {'arch': arch_name(self.ema), 'init_kwargs': self.ema.init_kwargs},  # sampled on its own
                 'adam_step': {'g': self.g.adam_step(), 'aux': self.aux.adam_step()},
                 'buffers': {'ema': dict(self.ema.named_buffers())}, 'world_size': self.world_size}
-        failure, digests = save_state(path, specs, self._state_access(specs)[0], self.rank, self.world_size)
+        get, local, wants, _ = self._state_access(specs)
+        failure, digests = save_state(path, specs, gather_object(wants), get, local, self.rank, self.world_size)
         if self.rank == 0 and not failure:
             try:
                 torch.save(meta, path / 'meta.pt')
@@ -169,7 +173,7 @@ class Trainer:
         meta, layout = agree_on_reads(lambda: read_meta(reader), 'the checkpoint metadata (meta.pt, shard indexes)')
         check_resume(meta.get('config', {}), self.fingerprint)
         specs = self._state_specs()
-        _, wants, set_ = self._state_access(specs)
+        *_, wants, set_ = self._state_access(specs)
         self.restored_bytes = load_state(layout, specs, reader.read_range, wants, set_, self.rank, self.world_size,
                                          self.device)
         self.g.set_adam_step(meta['adam_step']['g'])
@@ -364,11 +368,8 @@ def saved_tensors(reader: StepReader, prefix: str) -> tuple[dict, dict[str, torc
     """(meta, {name: tensor}) of the saved state tensors `<prefix><name>` of a checkpoint (e.g. 'ema/' for the EMA's
     parameters, 'g/' for the generator's master weights and moments), reading only their byte ranges."""
     meta, layout = read_meta(reader)
-    tensors = {}
-    for key, (start, shape) in layout.tensors.items():
-        if key.startswith(prefix):
-            data = layout.read(reader.read_range, start, start + math.prod(shape) * ITEM)
-            tensors[key[len(prefix):]] = as_floats(data).clone().view(shape)
+    tensors = {key[len(prefix):]: layout.tensor(reader.read_range, key) for key in layout.shapes
+               if key.startswith(prefix)}
     return meta, tensors
 
 def load_checkpoint_ema(step_dir: pathlib.Path) -> torch.nn.Module:

@@ -267,6 +267,24 @@ class DeepSpeedEngine:
             return 0, p.numel()
         return self._fragment(p)
 
+    def get_local(self, name: str, kind: str) -> torch.Tensor:
+        """The fp32 elements `state_range` names, without a collective where they are a ZeRO partition or fragment
+        (a whole parameter under ZeRO 0-2 comes from `get_full`, collective under ZeRO 1-2)."""
+        p = self.module.get_parameter(name)
+        if self.zero_stage == 0 or (self.zero_stage < 3 and kind == 'param'):
+            return self.get_full(name, kind)
+        if kind == 'param':
+            return self._master(p)[0]                  # the ZeRO-3 partition
+        self._ensure_moments()
+        if self.zero_stage == 3:
+            start, end = self._partition(p)
+            moment = self.engine.optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False,
+                                                                         optim_state_key=kind)[0]
+            return moment[:end - start]
+        if p._hp_mapping is None:
+            return torch.empty(0, device=p.device)
+        return p._hp_mapping.get_hp_fragment(kind).view(-1)
+
     @torch.no_grad()
     def set_state(self, name: str, kind: str, values: torch.Tensor) -> None:
         """`values`: the elements `state_range` names. A parameter is set in the module and in the fp32 master copy."""

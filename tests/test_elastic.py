@@ -12,14 +12,17 @@ import pytest
 import torch
 
 from cosim_dist import elastic
-from cosim_dist.elastic import ITEM, rank_range, save_state, shard_name
+from cosim_dist.elastic import ITEM, Layout, save_plan, save_state, shard_name
 from cosim_dist.storage import sha256_file
 
 def write(probe, directory, world: int) -> dict[str, str]:
-    """The state as `world` writers store it (each call plays one rank; `get` is not collective here)."""
-    digests = {}
+    """The state as `world` writers store it, each holding `probe.holdings_of` (each call plays one rank; `get` is not
+    collective here)."""
+    digests, holdings = {}, [probe.holdings_of(r, world) for r in range(world)]
     for rank in range(world):
-        failure, d = save_state(directory, probe.SPECS, probe.values, rank, world)
+        def local(i: int, rank=rank) -> torch.Tensor:
+            return probe.values(i).flatten()[slice(*holdings[rank][i])]
+        failure, d = save_state(directory, probe.SPECS, holdings, probe.values, local, rank, world)
         assert failure == ''
         digests |= d
     return digests
@@ -38,23 +41,54 @@ def test_hashes_are_computed_while_writing(route_probe, tmp_path, monkeypatch):
 
 #----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('written,world,chunk', [(2, 3, 256 << 20), (3, 2, 4096), (1, 4, 1)])
+@pytest.mark.parametrize('written,world,chunk', [(2, 3, 256 << 20), (3, 2, 4096), (1, 4, 1), (3, 3, 256 << 20)])
 def test_each_rank_receives_exactly_what_it_holds(route_probe, tmp_path, written, world, chunk):
-    """Written by `written` ranks, resumed on `world` (gloo, tests/helpers/route_probe.py): set_ receives, for every
-    tensor, exactly the elements the rank holds (value by value), whatever the chunking of the all-to-alls (one chunk,
-    several, one tensor per chunk); each rank reads its share of the bytes plus at most a verification block at each
-    end of each file it reads from."""
+    """Written by `written` ranks (each its own partitions, a replicated tensor once), resumed on `world` (gloo,
+    tests/helpers/route_probe.py): set_ receives, for every tensor, exactly the elements the rank holds (value by
+    value), whatever the chunking of the all-to-alls (one chunk, several, one tensor per chunk); each rank reads its
+    span of the global order plus at most a verification block at each end of each file it reads from. On the writers'
+    number of ranks each rank reads exactly the file it wrote and receives only the replicated tensor from others."""
     probe = route_probe
     write(probe, tmp_path, written)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}',
            probe.__file__, str(tmp_path / 'out'), str(tmp_path), str(chunk)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert done.returncode == 0, done.stderr[-4000:]
+    spans = []
     for rank in range(world):
         out = torch.load(tmp_path / f'out-{rank}.pt', weights_only=True)
         assert out['total'] == sum(math.prod(s) for _, s in probe.SPECS) * ITEM
-        lo, hi = rank_range(out['total'], rank, world)
+        lo, hi = (x * ITEM for x in out['span'])
+        spans.append(out['span'])
         assert out['bytes'] == out['spans'] and hi - lo <= out['bytes'] <= hi - lo + 2 * written * elastic.BLOCK_MIN
         assert sorted(out['got']) == list(range(len(probe.SPECS)))
         for i, (a, b) in enumerate(probe.wants_of(rank, world)):
             assert torch.equal(out['got'][i], probe.values(i).flatten()[a:b]), (rank, i)
+        if written == world:
+            assert out['bytes'] == (tmp_path / f'{shard_name(rank, world)}.bin').stat().st_size
+            assert out['received'] in (0, 6)                       # tensor 'd' (6 elements), unless this rank wrote it
+    assert spans[0][0] == 0 and all(spans[r][1] == spans[r + 1][0] for r in range(world - 1))
+    assert spans[-1][1] * ITEM == out['total']
+
+def test_the_save_plan_writes_each_element_once():
+    """A tensor every rank holds whole has one writer; a partitioned one is written by its holders; holdings that
+    leave a gap or overlap are refused, naming the tensor."""
+    specs = [('w', (10,)), ('m', (10,)), ('e', (0,))]
+    holdings = [[(0, 10), (0, 4), (0, 0)], [(0, 10), (4, 10), (0, 0)]]
+    plan = save_plan(specs, holdings, 2)
+    assert len(plan[0]) == 1 and list(plan[0].values()) == [(0, 10)]
+    assert plan[1] == {0: (0, 4), 1: (4, 10)} and len(plan[2]) == 1
+    for bad in ([(0, 10), (0, 4), (0, 0)], [(0, 10), (5, 10), (0, 0)]), ([(0, 10), (0, 6), (0, 0)],
+                                                                        [(0, 10), (4, 10), (0, 0)]):
+        with pytest.raises(ValueError, match="state tensor m: the ranks hold"):
+            save_plan(specs, bad, 2)
+
+def test_a_format_1_index_reads_as_whole_tensors(tmp_path):
+    """Shards of the first format (no element ranges: each tensor whole in one file) still load."""
+    index = {'format': 'cosim-dist elastic state 1', 'rank': 0, 'world_size': 1, 'file': 'x.bin', 'bytes': 24,
+             'block': 4096, 'sha256': [hashlib.sha256(torch.arange(6.0).numpy().tobytes()).hexdigest()],
+             'tensors': [{'name': 'a', 'shape': [2], 'offset': 0}, {'name': 'b', 'shape': [2, 2], 'offset': 8}]}
+    layout = Layout([index])
+    data = torch.arange(6.0).numpy().tobytes()
+    assert torch.equal(layout.tensor(lambda f, a, b: data[a:b], 'b'), torch.tensor([[2.0, 3.0], [4.0, 5.0]]))
+    assert layout.pieces == {'a': [(0, 2, 0)], 'b': [(0, 4, 2)]}

@@ -1,6 +1,7 @@
 """A small state for elastic.py's routing test (tests/test_elastic.py), and the per-rank resume it runs under
 torch.distributed.run: `route_probe.py OUT DIR CHUNK` loads the state in DIR with a mix of holdings and saves, per
-rank, what `set_` received and the bytes read to OUT-<rank>.pt."""
+rank, what `set_` received, the bytes read, the span read and the elements received from other ranks to
+OUT-<rank>.pt."""
 
 import json
 import math
@@ -25,9 +26,17 @@ def wants_of(rank: int, world: int) -> list[tuple[int, int]]:
         elif i == 4 and rank == 0:
             out.append((0, 0))                                   # not held by this rank
         else:
-            part = -(-n // world)
-            out.append((min(n, rank * part), min(n, (rank + 1) * part)))
+            out.append(partition(n, rank, world))
     return out
+
+def holdings_of(rank: int, world: int) -> list[tuple[int, int]]:
+    """What each of `world` writers holds at save: ZeRO-3-like partitions that tile each tensor (some empty), and
+    tensor 'd' whole on every rank."""
+    return [(0, 6) if i == 3 else partition(math.prod(shape), rank, world) for i, (_, shape) in enumerate(SPECS)]
+
+def partition(n: int, rank: int, world: int) -> tuple[int, int]:
+    part = -(-n // world)
+    return min(n, rank * part), min(n, (rank + 1) * part)
 
 def main(out: str, directory: str, chunk: str) -> None:
     from cosim_dist import elastic
@@ -45,10 +54,17 @@ def main(out: str, directory: str, chunk: str) -> None:
             f.seek(start)
             return f.read(end - start)
 
+    received, all_to_all = [], torch.distributed.all_to_all_single
+
+    def counting(output, input, output_split_sizes, input_split_sizes):      # elements from the other ranks
+        received.append(sum(output_split_sizes) - output_split_sizes[rank])
+        return all_to_all(output, input, output_split_sizes, input_split_sizes)
+    torch.distributed.all_to_all_single = counting
     got = {}
     nbytes = load_state(layout, SPECS, read_range, wants_of(rank, world), lambda i, v: got.setdefault(i, v.clone()),
                         rank, world)
-    torch.save({'bytes': nbytes, 'spans': sum(spans), 'total': layout.total, 'got': got}, f'{out}-{rank}.pt')
+    torch.save({'bytes': nbytes, 'spans': sum(spans), 'span': layout.spans(world)[rank], 'received': sum(received),
+                'total': layout.total, 'got': got}, f'{out}-{rank}.pt')
     torch.distributed.destroy_process_group()
 
 if __name__ == '__main__':
