@@ -26,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 
 from cosim_dist.checkpoint import CheckpointManager
+from cosim_dist.distributed import gather_object
 from cosim_dist.elastic import load_state, save_state, shard_name
 from cosim_dist.trainer import read_meta
 
@@ -33,12 +34,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TENSOR_MIB = 16                     # synthetic tensors of 16 MiB (4M fp32 elements), like large conv weights
 
 def timed(fn) -> float:
-    """Seconds until every rank has finished fn (the slowest rank's time: a save or restore is collective)."""
+    """Seconds until every rank has finished fn (the slowest rank's time: a save or restore is collective). Each
+    starts on a settled machine: the previous phase's dirty pages written back and SeaweedFS given 2 s to finish
+    (without this, whichever transfer came second in a round paid for the first one's write-back: measured up to 2x)."""
+    if torch.distributed.get_rank() == 0:
+        os.sync()
+    time.sleep(2)
     torch.distributed.barrier()
     t0 = time.perf_counter()
     fn()
     torch.distributed.barrier()
     return time.perf_counter() - t0
+
+def timed_pair(floor, real, floor_first: bool) -> tuple[float, float]:
+    """(floor seconds, real seconds), measured in the given order."""
+    if floor_first:
+        floor_s = timed(floor)
+        return floor_s, timed(real)
+    real_s = timed(real)
+    return timed(floor), real_s
 
 def rank_main(rank: int, ranks: int, port: int, url: str, work: str, mib: int, rounds: int, results) -> None:
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
@@ -53,18 +67,25 @@ def rank_main(rank: int, ranks: int, port: int, url: str, work: str, mib: int, r
     ck = CheckpointManager(url, pathlib.Path(work) / 'staging', rank=rank, async_upload=False)
     bucket, _, prefix = url[len('s3://'):].partition('/')
     s3, config = boto3.client('s3'), ck.store.transfer
-    floor_file, info = pathlib.Path(work) / f'floor-{rank}.bin', {}
+    info = {}
 
-    def save(step: int) -> None:
-        path = ck.stage(step)
+    def write(path: pathlib.Path) -> dict[str, str]:
         _, digests = save_state(path, specs, holdings, None, mine.__getitem__, rank, ranks)
         if rank == 0:
             torch.save({'state': {}}, path / 'meta.pt')
-        shard = path / f'{shard_name(rank, ranks)}.bin'
-        info['shard'] = shard.stat().st_size
-        floor_file.unlink(missing_ok=True)
-        os.link(shard, floor_file)                          # the same bytes, for the floor
+        return digests
+
+    def save(step: int) -> None:
+        t0 = time.perf_counter()
+        path = ck.stage(step)
+        digests = write(path)
+        info['write_s'] = time.perf_counter() - t0
         ck.commit(step, digests)
+
+    floor_dir = pathlib.Path(work) / f'floor-{rank}'         # the same bytes as every save's shard, for the floor
+    write(floor_dir)
+    floor_file = floor_dir / f'{shard_name(rank, ranks)}.bin'
+    info['shard'] = floor_file.stat().st_size
 
     def restore() -> None:
         reader = CheckpointManager(url, pathlib.Path(work) / 'restore', rank=rank).latest()
@@ -79,12 +100,10 @@ def rank_main(rank: int, ranks: int, port: int, url: str, work: str, mib: int, r
         s3.download_file(bucket, f'{prefix}/floor/{step}/{rank}', f'{floor_file}.down', Config=config)
 
     for step in range(1, rounds + 1):                       # odd rounds measure the floor first (no order bias)
-        save_s, up_s = timed(functools.partial(save, step)), timed(functools.partial(upload, step))
-        if step % 2:
-            down_s, restore_s = timed(functools.partial(download, step)), timed(restore)
-        else:
-            restore_s, down_s = timed(restore), timed(functools.partial(download, step))
-        results.put((step, rank, info['shard'], info['read'], save_s, up_s, restore_s, down_s))
+        up_s, save_s = timed_pair(functools.partial(upload, step), functools.partial(save, step), step % 2)
+        down_s, restore_s = timed_pair(functools.partial(download, step), restore, step % 2)
+        write_s = max(gather_object(info['write_s']))
+        results.put((step, rank, info['shard'], info['read'], save_s, up_s, restore_s, down_s, write_s))
     torch.distributed.destroy_process_group()
 
 def main() -> None:
@@ -113,15 +132,17 @@ def main() -> None:
     print(f'{args.mib} MiB state over {args.ranks} ranks, SeaweedFS S3 on 127.0.0.1; per rank: writes {min(shard):.0f}'
           f'-{max(shard):.0f} MiB, reads {min(read):.0f}-{max(read):.0f} MiB on restore. Floor: boto3 upload_file / '
           f'download_file of the same bytes, same transfer settings. Seconds until the slowest rank is done.')
-    print('| round | save s | upload floor s | save / floor | restore s | download floor s | restore / floor |')
+    print('| round | save s (of which writing the shard) | upload floor s | save / floor | restore s '
+          '| download floor s | restore / floor |')
     print('|---|---|---|---|---|---|---|')
     table = [rows[k * args.ranks][4:] for k in range(args.rounds)]     # timed() is equal on every rank
-    for k, (save_s, up_s, restore_s, down_s) in enumerate(table, 1):
-        print(f'| {k} | {save_s:.2f} | {up_s:.2f} | {save_s / up_s:.2f} | {restore_s:.2f} | {down_s:.2f} '
-              f'| {restore_s / down_s:.2f} |')
+    for k, (save_s, up_s, restore_s, down_s, write_s) in enumerate(table, 1):
+        print(f'| {k} | {save_s:.2f} ({write_s:.2f}) | {up_s:.2f} | {save_s / up_s:.2f} | {restore_s:.2f} '
+              f'| {down_s:.2f} | {restore_s / down_s:.2f} |')
     med = [statistics.median(col) for col in zip(*table, strict=True)]
     ratios = [statistics.median(t[0] / t[1] for t in table), statistics.median(t[2] / t[3] for t in table)]
-    print(f'| median | {med[0]:.2f} | {med[1]:.2f} | {ratios[0]:.2f} | {med[2]:.2f} | {med[3]:.2f} | {ratios[1]:.2f} |')
+    print(f'| median | {med[0]:.2f} ({med[4]:.2f}) | {med[1]:.2f} | {ratios[0]:.2f} | {med[2]:.2f} | {med[3]:.2f} '
+          f'| {ratios[1]:.2f} |')
 
 if __name__ == '__main__':
     main()
