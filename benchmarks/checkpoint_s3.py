@@ -63,14 +63,14 @@ def rank_main(rank: int, ranks: int, port: int, url: str, work: str, mib: int, r
     n = TENSOR_MIB << 18                                    # elements per tensor; rank r holds its 1/R (ZeRO-3)
     holdings = [[(r * n // ranks, (r + 1) * n // ranks)] * len(specs) for r in range(ranks)]
     gen = torch.Generator().manual_seed(rank)
-    mine = [torch.randn(n // ranks, generator=gen) for _ in specs]
+    mine = [torch.randn(b - a, generator=gen) for a, b in holdings[rank]]
     ck = CheckpointManager(url, pathlib.Path(work) / 'staging', rank=rank, async_upload=False)
     bucket, _, prefix = url[len('s3://'):].partition('/')
     s3, config = boto3.client('s3'), ck.store.transfer
     info = {}
 
     def write(path: pathlib.Path) -> dict[str, str]:
-        _, digests = save_state(path, specs, holdings, None, mine.__getitem__, rank, ranks)
+        _, digests = save_state(path, specs, holdings, mine.__getitem__, mine.__getitem__, rank, ranks)
         if rank == 0:
             torch.save({'state': {}}, path / 'meta.pt')
         return digests

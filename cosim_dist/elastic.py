@@ -1,14 +1,14 @@
 """World-size-free training state: every fp32 tensor of the state (parameters, Adam moments, EMA) is stored once, in
 per-rank shard files (`shard-R-of-W.bin`, raw little-endian float32, with an index `shard-R-of-W.json`: tensor names,
 shapes, which elements of each tensor the file holds, offsets and a sha256 per block of the file). At save each rank
-writes what it holds: its elements of a partitioned tensor (its ZeRO partition or fragment), and a tensor every rank
-holds whole once, by one writer; no rank gathers anything. The files, concatenated in rank order, are the global order.
-A resume on the writers' number of ranks gives rank r the file it wrote (it reads its own partitions and nothing
-else); on any other number M rank r reads the element range [r/M, (r+1)/M) of the global order (ranged reads, widened
-to whole blocks so that each block is verified), and all-to-alls then hand every rank the elements it holds (its ZeRO
-partitions, or whole tensors where it keeps a full copy) from the ranks that read them. No rank fetches a whole file
-it does not own, and none receives a partition it does not hold; a corrupt or missing block fails the load on every
-rank (`CorruptState`) before any tensor is set.
+writes what it holds: its elements of a partitioned tensor (its ZeRO partition or fragment, read without a
+collective), and a tensor every rank holds whole once, by one writer. The files, concatenated in rank order, are the
+global order. A resume on the writers' number of ranks gives rank r the file it wrote (it reads its own partitions
+and nothing else); on any other number M rank r reads the element range [r/M, (r+1)/M) of the global order (ranged
+reads, widened to whole blocks so that each block is verified), and all-to-alls then hand every rank the elements it
+holds (its ZeRO partitions, or whole tensors where it keeps a full copy) from the ranks that read them. No rank
+fetches a whole file it does not own, and none receives a partition it does not hold; a corrupt or missing block
+fails the load on every rank (`CorruptState`) before any tensor is set.
 
 DeepSpeed's own checkpoints are tied to the world size that wrote them and its universal checkpoints load every full
 parameter on every rank (docs/ARCHITECTURE.md, "Engineering choices"); here each rank reads 1/M of the bytes."""
@@ -33,6 +33,7 @@ class CorruptState(RuntimeError):
 
 Spec = tuple[str, tuple[int, ...]]        # (tensor name, shape)
 FORMAT = 'cosim-dist elastic state 2'     # 1: every tensor whole in one file (read as one piece)
+FORMATS = ('cosim-dist elastic state 1', FORMAT)
 
 def shard_name(rank: int, world: int) -> str:
     return f'shard-{rank:05d}-of-{world:05d}'
@@ -47,10 +48,12 @@ def save_owners(sizes: Sequence[int], world: int) -> list[int]:
         start += n
     return owners
 
-def save_plan(specs: Sequence[Spec], holdings: Sequence[Sequence[Range]], world: int) -> list[dict[int, Range]]:
-    """Who writes which elements of each tensor, `{rank: (a, b)}`: `holdings[r][i]` are the elements of tensor i that
-    rank r holds. A tensor every rank holds whole is written once (its writer from `save_owners` over those tensors);
-    a partitioned one by each rank that holds a part, its own elements, which must tile the tensor."""
+def save_plan(specs: Sequence[Spec], holdings: Sequence[Sequence[Range]],
+              world: int) -> tuple[list[dict[int, Range]], list[bool]]:
+    """Who writes which elements of each tensor, `{rank: (a, b)}`, and whether every rank holds it whole:
+    `holdings[r][i]` are the elements of tensor i that rank r holds. A tensor every rank holds whole is written once
+    (its writer from `save_owners` over those tensors); any other by each rank that holds a part, its own elements,
+    which must tile the tensor (a tensor one rank holds entirely: that rank)."""
     sizes = [math.prod(shape) for _, shape in specs]
     whole = [all(tuple(h[i]) == (0, n) for h in holdings) for i, n in enumerate(sizes)]
     owners = save_owners([n if w else 0 for n, w in zip(sizes, whole, strict=True)], world)
@@ -65,7 +68,7 @@ def save_plan(specs: Sequence[Spec], holdings: Sequence[Sequence[Range]], world:
                              f'elements, which do not tile it (each element must be held by exactly one rank or by '
                              f'all)')
         plan.append({r: rng for rng, r in parts})
-    return plan
+    return plan, whole
 
 def block_size(nbytes: int) -> int:
     return min(BLOCK_MAX, max(BLOCK_MIN, 1 << max(0, math.ceil(math.log2(max(nbytes, 1) / 256)))))
@@ -96,12 +99,12 @@ def save_state(directory: pathlib.Path, specs: Sequence[Spec], holdings: Sequenc
                get: Callable[[int], torch.Tensor], local: Callable[[int], torch.Tensor], rank: int,
                world: int) -> tuple[str, dict[str, str]]:
     """Collective where `get` is: `get(i)` (the full tensor) is called on every rank for every tensor that all ranks
-    hold whole, in order, and its writer appends it to its shard; `local(i)` (this rank's elements, `holdings[rank][i]`)
-    only on the ranks that write a part of a partitioned tensor (save_plan). Then the shard's index is written.
-    Returns (failure, digests): a write error (a full disk) does not stop the collective sequence but is returned ('' on
-    success) for the caller to agree on with the other ranks; `digests` maps the shard file's name to its sha256 (for
-    the checkpoint manifest)."""
-    plan = save_plan(specs, holdings, world)
+    hold whole, in order, and its writer appends it to its shard; `local(i)` (this rank's elements, `holdings[rank][i]`,
+    never collective) on the ranks that write a part of any other tensor (save_plan). Then the shard's index is
+    written. Returns (failure, digests): a write error (a full disk) or a tensor of the wrong size does not stop the
+    collective sequence but is returned ('' on success) for the caller to agree on with the other ranks; `digests`
+    maps the shard file's name to its sha256 (for the checkpoint manifest)."""
+    plan, whole = save_plan(specs, holdings, world)
     mine = sum((part[rank][1] - part[rank][0]) * ITEM for part in plan if rank in part)
     name, entries, offset, failure, out = shard_name(rank, world), [], 0, '', None
     try:
@@ -110,15 +113,15 @@ def save_state(directory: pathlib.Path, specs: Sequence[Spec], holdings: Sequenc
     except OSError as e:
         failure = f'{type(e).__name__}: {e}'
     for i, (key, shape) in enumerate(specs):
-        whole = len(plan[i]) == 1 and next(iter(plan[i].values())) == (0, math.prod(shape))
-        value = get(i) if whole else (local(i) if rank in plan[i] else None)
+        value = get(i) if whole[i] else (local(i) if rank in plan[i] else None)
         if rank not in plan[i] or failure:
             continue
         a, b = plan[i][rank]
         data = value.detach().to('cpu', torch.float32).contiguous().reshape(-1)
         if data.numel() != b - a:
-            raise ValueError(f'state tensor {key}: {data.numel()} elements, expected {b - a} (elements {a}-{b} of '
-                             f'shape {shape})')
+            failure = (f'state tensor {key}: {data.numel()} elements, expected {b - a} (elements {a}-{b} of shape '
+                       f'{shape})')
+            continue
         try:
             out.write(memoryview(data.numpy()).cast('B'))
         except OSError as e:
@@ -145,6 +148,9 @@ class Layout:
         self.indexes, self.shapes, base = list(indexes), {}, 0
         self.pieces: dict[str, list[tuple[int, int, int]]] = {}    # name: (a, b, first global element), by a
         for ix in self.indexes:
+            if ix.get('format') not in FORMATS:
+                raise RuntimeError(f'{ix.get("file")}: shard format {ix.get("format")!r}, this cosim-dist reads '
+                                   f'{FORMATS}; resume with the version that wrote the checkpoint')
             for t in ix['tensors']:
                 a, b = t.get('elements', (0, math.prod(t['shape'])))    # format 1: whole tensors
                 self.shapes[t['name']] = tuple(t['shape'])
@@ -170,8 +176,9 @@ class Layout:
 
     def tensor(self, read_range: Callable[[str, int, int], bytes], name: str) -> torch.Tensor:
         """One whole saved tensor (verified, a writable copy), reading only its pieces."""
-        parts = [as_floats(self.read(read_range, g * ITEM, (g + b - a) * ITEM)) for a, b, g in self.pieces[name]]
-        return torch.cat(parts).view(self.shapes[name])
+        parts = [as_floats(self.read(read_range, g * ITEM, (g + b - a) * ITEM)) for a, b, g in self.pieces[name]
+                 if b > a]
+        return torch.cat([torch.empty(0), *parts]).view(self.shapes[name])
 
     def spans(self, world: int) -> list[Range]:
         """The elements of the global order that each of `world` ranks reads on a resume: on the writers' number of

@@ -5,7 +5,8 @@ Both engine kinds expose what the trainer uses: `module`, `backward(loss)` (scal
 every parameter: its ZeRO-3 partition, or all; the EMA follows them without a gather) with `gather_local` (collective:
 the full tensor from every rank's elements) and the training state per parameter and kind, which elastic.py
 stores independently of the world size: `get_full` (the full fp32 tensor), `state_range` (the elements this rank holds:
-its ZeRO partition, or all), `get_local` and `set_state` (those elements), `adam_step` / `set_adam_step`. An optional
+its ZeRO partition, or all) and `set_state` (those elements, on resume), `save_range` and `get_local` (the elements this
+rank writes at save, read without a collective), `adam_step` / `set_adam_step`. An optional
 `WeightConstraint` (EDM2's forced weight normalisation) is applied once at construction and after every optimiser step,
 to the module's weights and to the optimiser's master copy. `TorchEngine` is one process with plain Adam;
 `DeepSpeedEngine` (zero.py) wraps `deepspeed.initialize` with ZeRO stage 0-3. Precision is autocast (fp32 master
@@ -122,6 +123,9 @@ class TorchEngine:
 
     def state_range(self, name: str, kind: str) -> tuple[int, int]:
         return 0, self.module.get_parameter(name).numel()
+
+    def save_range(self, name: str, kind: str) -> tuple[int, int]:
+        return self.state_range(name, kind)
 
     def get_local(self, name: str, kind: str) -> torch.Tensor:
         return self.get_full(name, kind)

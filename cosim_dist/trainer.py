@@ -98,8 +98,9 @@ class Trainer:
                 + [(f'ema/{k}', tuple(p.shape)) for k, p in self.ema.named_parameters()])
 
     def _state_access(self, specs):
-        """(get(i), local(i), wants, set(i, values)) over the tensors of `specs`: engine state through the engines, the
-        EMA from this rank's elements (each rank holds its partitions, or all)."""
+        """(get(i), local(i), holding, wants, set(i, values)) over the tensors of `specs`: engine state through the
+        engines, the EMA from this rank's elements (each rank holds its partitions, or all); `holding` the elements
+        this rank writes at save (`local`), `wants` those it receives on resume (`set`)."""
         engines = {'g': self.g, 'aux': self.aux}
         parts = [key.split('/') for key, _ in specs]         # [net, name, kind] or ['ema', name]
 
@@ -117,9 +118,9 @@ class Trainer:
                 self.averaged.set_local(name, values)
             else:
                 engines[net].set_state(name, kind[0], values)
-        wants = [self.averaged.range[name] if net == 'ema' else engines[net].state_range(name, kind[0])
-                 for net, name, *kind in parts]
-        return get, local, wants, set_
+        holding, wants = ([self.averaged.range[name] if net == 'ema' else getattr(engines[net], method)(name, kind[0])
+                           for net, name, *kind in parts] for method in ('save_range', 'state_range'))
+        return get, local, holding, wants, set_
 
     def diagnostics(self) -> dict[str, float]:
         """Collective (ZeRO-3 gathers t_gain). This rank's sigma_s quantiles in the generator steps since the last
@@ -142,8 +143,8 @@ class Trainer:
                 'ema_net': {'arch': arch_name(self.ema), 'init_kwargs': self.ema.init_kwargs},  # sampled on its own
                 'adam_step': {'g': self.g.adam_step(), 'aux': self.aux.adam_step()},
                 'buffers': {'ema': dict(self.ema.named_buffers())}, 'world_size': self.world_size}
-        get, local, wants, _ = self._state_access(specs)
-        failure, digests = save_state(path, specs, gather_object(wants), get, local, self.rank, self.world_size)
+        get, local, holding, *_ = self._state_access(specs)
+        failure, digests = save_state(path, specs, gather_object(holding), get, local, self.rank, self.world_size)
         if self.rank == 0 and not failure:
             try:
                 torch.save(meta, path / 'meta.pt')

@@ -267,14 +267,20 @@ class DeepSpeedEngine:
             return 0, p.numel()
         return self._fragment(p)
 
+    def save_range(self, name: str, kind: str) -> tuple[int, int]:
+        """The elements this rank writes at save: `state_range`, except that under ZeRO-1/2 a parameter's own elements
+        are its fragment of the fp32 master (the module's replicated copy is restored whole)."""
+        if self.zero_stage in (1, 2) and kind == 'param':
+            return self._fragment(self.module.get_parameter(name))
+        return self.state_range(name, kind)
+
     def get_local(self, name: str, kind: str) -> torch.Tensor:
-        """The fp32 elements `state_range` names, without a collective where they are a ZeRO partition or fragment
-        (a whole parameter under ZeRO 0-2 comes from `get_full`, collective under ZeRO 1-2)."""
+        """The fp32 elements `save_range` names, without a collective (whole tensors, at stage 0: `get_full`)."""
         p = self.module.get_parameter(name)
-        if self.zero_stage == 0 or (self.zero_stage < 3 and kind == 'param'):
+        if self.zero_stage == 0:
             return self.get_full(name, kind)
         if kind == 'param':
-            return self._master(p)[0]                  # the ZeRO-3 partition
+            return self._master(p)[0]                  # the ZeRO-3 partition, or the ZeRO-1/2 fragment
         self._ensure_moments()
         if self.zero_stage == 3:
             start, end = self._partition(p)

@@ -71,17 +71,34 @@ def test_each_rank_receives_exactly_what_it_holds(route_probe, tmp_path, written
     assert spans[-1][1] * ITEM == out['total']
 
 def test_the_save_plan_writes_each_element_once():
-    """A tensor every rank holds whole has one writer; a partitioned one is written by its holders; holdings that
-    leave a gap or overlap are refused, naming the tensor."""
-    specs = [('w', (10,)), ('m', (10,)), ('e', (0,))]
-    holdings = [[(0, 10), (0, 4), (0, 0)], [(0, 10), (4, 10), (0, 0)]]
-    plan = save_plan(specs, holdings, 2)
+    """A tensor every rank holds whole has one writer and goes through `get`; a partitioned one (also one that a single
+    rank holds entirely, as a ZeRO-1/2 fragment often is) is written by its holders; holdings that leave a gap or
+    overlap are refused, naming the tensor."""
+    specs = [('w', (10,)), ('m', (10,)), ('e', (0,)), ('f', (3,))]
+    holdings = [[(0, 10), (0, 4), (0, 0), (0, 3)], [(0, 10), (4, 10), (0, 0), (0, 0)]]
+    plan, whole = save_plan(specs, holdings, 2)
     assert len(plan[0]) == 1 and list(plan[0].values()) == [(0, 10)]
-    assert plan[1] == {0: (0, 4), 1: (4, 10)} and len(plan[2]) == 1
-    for bad in ([(0, 10), (0, 4), (0, 0)], [(0, 10), (5, 10), (0, 0)]), ([(0, 10), (0, 6), (0, 0)],
-                                                                        [(0, 10), (4, 10), (0, 0)]):
+    assert plan[1] == {0: (0, 4), 1: (4, 10)} and len(plan[2]) == 1 and plan[3] == {0: (0, 3)}
+    assert whole == [True, False, True, False]
+    for bad in ([(0, 10), (0, 4), (0, 0), (0, 3)], [(0, 10), (5, 10), (0, 0), (0, 0)]), \
+               ([(0, 10), (0, 6), (0, 0), (0, 3)], [(0, 10), (4, 10), (0, 0), (0, 0)]):
         with pytest.raises(ValueError, match="state tensor m: the ranks hold"):
             save_plan(specs, bad, 2)
+
+def test_save_calls_get_only_for_whole_tensors_and_reports_a_wrong_size(tmp_path):
+    """`get` (collective in the trainer) runs on every rank for the tensors all ranks hold whole and for nothing else;
+    a tensor of the wrong size is a returned failure naming it (the collective sequence goes on), not an exception
+    on one rank."""
+    specs = [('w', (4,)), ('m', (6,)), ('f', (2,))]
+    holdings = [[(0, 4), (0, 3), (0, 2)], [(0, 4), (3, 6), (0, 0)]]
+    for rank in range(2):
+        asked: list[int] = []
+        failure, _ = save_state(tmp_path, specs, holdings, lambda i, a=asked: a.append(i) or torch.zeros(specs[i][1]),
+                                lambda i, r=rank: torch.zeros(holdings[r][i][1] - holdings[r][i][0]), rank, 2)
+        assert failure == '' and asked == [0]
+    failure, _ = save_state(tmp_path, specs, holdings, lambda i: torch.zeros(specs[i][1]),
+                            lambda i: torch.zeros(5), 1, 2)
+    assert failure.startswith('state tensor m: 5 elements, expected 3')
 
 def test_a_format_1_index_reads_as_whole_tensors(tmp_path):
     """Shards of the first format (no element ranges: each tensor whole in one file) still load."""
@@ -92,3 +109,5 @@ def test_a_format_1_index_reads_as_whole_tensors(tmp_path):
     data = torch.arange(6.0).numpy().tobytes()
     assert torch.equal(layout.tensor(lambda f, a, b: data[a:b], 'b'), torch.tensor([[2.0, 3.0], [4.0, 5.0]]))
     assert layout.pieces == {'a': [(0, 2, 0)], 'b': [(0, 4, 2)]}
+    with pytest.raises(RuntimeError, match="x.bin: shard format 'cosim-dist elastic state 9'"):
+        Layout([{**index, 'format': 'cosim-dist elastic state 9'}])    # a newer layout: refused, never misread
