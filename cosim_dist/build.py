@@ -219,7 +219,8 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
     G = prepare_network(G, e, trained=True)
     batch_gpu, _ = batch_layout(t, env.world_size)
     schedule = cosim.TimeSchedule(ratio=s.ratio, r_lo=s.r_lo, sigma_s_max=s.sigma_s_max, noise=noise_range(cfg),
-                                  kind=s.kind, gen_sigma_s_min=s.gen_sigma_s_min)
+                                  kind=s.kind, gen_sigma_s_min=s.gen_sigma_s_min, ratio_mix=s.ratio_mix,
+                                  mix_p=s.mix_p)
     g_engine, aux_engine = make_engine(cfg, G, t.lr_g, env), make_engine(cfg, aux, t.lr_aux, env)
     d_phi = denoiser(cfg, teacher)
     if d_phi is teacher:                                # the network teacher (not the toy's exact denoiser)

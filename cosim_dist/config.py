@@ -76,6 +76,8 @@ class ScheduleConfig:
     # (sigma_s = sigma_t (1 - g)) | logsigma (log sigma_s = log sigma_t - g (log sigma_t - log sigma_min))
     kind: str = 'rho'
     ratio: float = 4.0               # R of Eq. T1 (gap fraction ~ Beta(R, 1)): larger values favour large gaps t - s
+    ratio_mix: float | None = None   # optional second R: a pair's gap is drawn from Beta(ratio_mix, 1) with probability
+    mix_p: float = 0.5               # mix_p, else from Beta(ratio, 1) (short and long jumps in one run; under study)
     r_lo: float = 0.0                # r_t ~ U(r_lo, 1) in rho-space
     sigma_s_max: float | None = None # optional cap on sigma_s
     gen_sigma_s_min: float | None = None  # optional floor on sigma_s in the generator step (Eq. G1) only

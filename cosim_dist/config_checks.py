@@ -91,6 +91,10 @@ def validate(cfg: Any) -> None:
     if cfg.schedule.sigma_max <= cfg.schedule.sigma_min:
         problem(f'schedule.sigma_max={cfg.schedule.sigma_max} must exceed '
                 f'schedule.sigma_min={cfg.schedule.sigma_min}')
+    if cfg.schedule.ratio_mix is not None and cfg.schedule.ratio_mix <= 0:
+        problem(f'schedule.ratio_mix={cfg.schedule.ratio_mix} must be > 0 (or null: one R)')
+    if not 0 <= cfg.schedule.mix_p <= 1:
+        problem(f'schedule.mix_p={cfg.schedule.mix_p} must be in [0, 1] (the share of pairs drawn with ratio_mix)')
     if cfg.train.aux_warmup_kimg >= cfg.train.kimg:
         problem(f'train.aux_warmup_kimg={cfg.train.aux_warmup_kimg} must be below train.kimg={cfg.train.kimg} (the '
                 f'warm-up is part of the run: auxiliary steps only, then the generator trains)')

@@ -39,6 +39,7 @@ def edm_grid(num_points: int, noise: NoiseRange) -> torch.Tensor:
 #----------------------------------------------------------------------------
 # Eq. T1: joint time schedule pi(s, t).
 #   r_t ~ U(r_lo, 1),  g ~ Beta(R, 1),  sigma_min <= sigma_s (<= sigma_s_max), and the gap g read as (`kind`)
+#   (optionally a mixture: g ~ Beta(R_mix, 1) with probability p, else Beta(R, 1))
 #     rho:      r_s = r_t (1 - g)                                      (the spec's reading)
 #     sigma:    sigma_s = sigma_t (1 - g)
 #     logsigma: log sigma_s = log sigma_t - g (log sigma_t - log sigma_min)
@@ -55,6 +56,8 @@ class TimeSchedule:
     noise: NoiseRange
     kind: str = 'rho'                  # the reading of the gap (T1_KINDS)
     gen_sigma_s_min: float | None = None  # optional floor on sigma_s for the generator step
+    ratio_mix: float | None = None     # optional second R of a mixture
+    mix_p: float = 0.5                 # its share of the pairs
 
     def generator_sigma_s(self, sigma_s: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
         """Eq. T1's sigma_s for the generator step (Eq. G1): raised to gen_sigma_s_min, never above sigma_t."""
@@ -67,7 +70,11 @@ class TimeSchedule:
         """Eq. T1: draw (sigma_s, sigma_t) [n] each, with sigma_s <= sigma_t."""
         u = torch.rand(2, n, generator=gen, dtype=torch.float64, device=gen.device if gen is not None else 'cpu')
         r_t = self.r_lo + (1 - self.r_lo) * u[0]
-        g = u[1] ** (1 / self.ratio)                      # inverse CDF of Beta(R, 1): F(g) = g^R
+        exponent = torch.full_like(u[1], 1 / self.ratio)
+        if self.ratio_mix is not None:                    # drawn only then: single-R runs keep their random stream
+            pick = torch.rand(n, generator=gen, dtype=torch.float64, device=u.device) < self.mix_p
+            exponent[pick] = 1 / self.ratio_mix
+        g = u[1] ** exponent                              # inverse CDF of Beta(R, 1): F(g) = g^R
         sigma_t = self.noise.sigma(r_t)
         if self.kind == 'rho':
             sigma_s = self.noise.sigma(r_t * (1 - g))

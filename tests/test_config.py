@@ -31,6 +31,8 @@ def test_defaults_groups_and_overrides():
     (['engine.bf16_weights=true'], 'engine.bf16_weights=true keeps bf16 weights beside fp32 master weights in '
                                    'DeepSpeed ZeRO 1-3 under bf16 autocast, but engine.backend=torch'),
     (['schedule.ratio=0'], 'schedule.ratio=0.0 must be > 0'),
+    (['schedule.ratio_mix=0'], 'schedule.ratio_mix=0.0 must be > 0 (or null: one R)'),
+    (['schedule.mix_p=1.5'], 'schedule.mix_p=1.5 must be in [0, 1]'),
     (['schedule.r_lo=1'], 'schedule.r_lo=1.0 must be in [0, 1)'),
     (['model.arch=vit'], "model.arch='vit' is invalid; valid choices: toy, songunet, dhariwalunet, edm2"),
     (['data.gmm.rank=0'], 'data.gmm.rank=0 must be >= 1'),

@@ -163,6 +163,27 @@ def test_every_t1_reading_draws_its_gap_from_beta_r_1(kind, R):
     ks = max(float((ecdf_hi - cdf)[inside].max()), float((cdf - ecdf_lo)[inside].max()))
     assert inside.sum() > n / 2 and ks < 1.63 / math.sqrt(n) + 5e-4, (kind, R, ks, int(clamped.sum()))
 
+@pytest.mark.parametrize('kind', cosim.T1_KINDS)
+def test_a_mixture_of_two_ratios_draws_its_gap_from_the_mixture(kind):
+    """schedule.ratio_mix: a share mix_p of the gaps follows Beta(ratio_mix, 1), the rest Beta(ratio, 1), i.e. the
+    recovered gap's CDF is p g^R2 + (1 - p) g^R (Kolmogorov-Smirnov, the same bound and window as the single-R test:
+    the mixture's density is at most max(R) g^(min(R)-1) there, so the float32 shift of F stays below 2.5e-4)."""
+    noise, n, R, R2, p = cosim.NoiseRange(), 40_000, 0.25, 1.0, 0.3
+    sched = cosim.TimeSchedule(ratio=R, r_lo=0.0, sigma_s_max=None, noise=noise, kind=kind, ratio_mix=R2, mix_p=p)
+    s, t = sched.sample(2 * n, torch.Generator().manual_seed(2))
+    s, t = s[t >= 1][:n], t[t >= 1][:n]
+    g = gap_of(kind, s, t, noise)
+    clamped = s <= noise.sigma_min * (1 + 1e-5)
+    hi = float(g[clamped].min()) if clamped.any() else 1.0
+    g = g.sort().values
+    cdf = p * g.clamp(0, 1) ** R2 + (1 - p) * g.clamp(0, 1) ** R
+    inside = (g >= 1e-4) & (g < hi)
+    ks = max(float((torch.arange(1, n + 1) / n - cdf)[inside].max()), float((cdf - torch.arange(n) / n)[inside].max()))
+    assert inside.sum() > n / 2 and ks < 1.63 / math.sqrt(n) + 5e-4, (kind, ks)
+    single = cosim.TimeSchedule(ratio=R, r_lo=0.0, sigma_s_max=None, noise=noise, kind=kind)
+    far = float((gap_of(kind, *single.sample(n, torch.Generator().manual_seed(2)), noise) > 0.5).float().mean())
+    assert far < float((g > 0.5).float().mean()) - 0.05              # the mixture's long jumps: more large gaps
+
 def test_generator_floor_on_sigma_s():
     sched = cosim.TimeSchedule(ratio=4.0, r_lo=0.0, sigma_s_max=None, noise=cosim.NoiseRange(), gen_sigma_s_min=0.05)
     s, t = sched.sample(10_000, torch.Generator().manual_seed(0))
