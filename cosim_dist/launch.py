@@ -77,9 +77,9 @@ def exit_process(code: int) -> NoReturn:
         os._exit(code)
     sys.exit(code)
 
-def cli() -> NoReturn:
+def cli(argv: list[str] | None = None) -> NoReturn:
     """Every entry point (`cosim-launch`, `python launch.py`, `python -m cosim_dist.launch`) ends here."""
-    exit_process(main())
+    exit_process(main(argv))
 
 if __name__ == '__main__':
     cli()

@@ -97,8 +97,9 @@ def test_console_scripts_of_a_fresh_install(venv, tmp_path):
     # cosim-launch entry point parses and resolves a config from the package data without importing torch.
     probe = ('import importlib.metadata as md, json, sys\n'
              'dist = md.distribution("cosim-dist")\n'
-             'main = next(e for e in dist.entry_points if e.name == "cosim-launch").load()\n'
-             'code = main(["--dry-run", "model=edm2-l", "data.path=s3://bucket/in512"])\n'
+             'cli = next(e for e in dist.entry_points if e.name == "cosim-launch").load()\n'
+             'try:\n    cli(["--dry-run", "model=edm2-l", "data.path=s3://bucket/in512"])\n'
+             'except SystemExit as e:\n    code = e.code\n'
              'import cosim_dist\n'
              'print(json.dumps(dict(code=code, file=cosim_dist.__file__, dist=str(dist.locate_file("")),\n'
              '    torch="torch" in sys.modules, editable=[repr(f) for f in sys.meta_path if "editable" in repr(f)])))')
