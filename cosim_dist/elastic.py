@@ -48,6 +48,11 @@ def save_owners(sizes: Sequence[int], world: int) -> list[int]:
         start += n
     return owners
 
+def tiles(ranges: Sequence[Range], n: int) -> bool:
+    """Whether element ranges, sorted by start, cover [0, n) exactly once, each starting where the last ended."""
+    ends = [0] + [b for _, b in ranges]
+    return [a for a, _ in ranges] == ends[:-1] and ends[-1] == n
+
 def save_plan(specs: Sequence[Spec], holdings: Sequence[Sequence[Range]],
               world: int) -> tuple[list[dict[int, Range]], list[bool]]:
     """Who writes which elements of each tensor, `{rank: (a, b)}`, and whether every rank holds it whole:
@@ -63,7 +68,7 @@ def save_plan(specs: Sequence[Spec], holdings: Sequence[Sequence[Range]],
             plan.append({owners[i]: (0, n)})
             continue
         parts = sorted((tuple(h[i]), r) for r, h in enumerate(holdings) if h[i][0] < h[i][1])
-        if [a for (a, _), _ in parts] != [0] + [b for (_, b), _ in parts[:-1]] or parts[-1][0][1] != n:
+        if not tiles([rng for rng, _ in parts], n):
             raise ValueError(f'state tensor {specs[i][0]}: the ranks hold {[rng for rng, _ in parts]} of its {n} '
                              f'elements, which do not tile it (each element must be held by exactly one rank or by '
                              f'all)')
@@ -169,8 +174,7 @@ class Layout:
             raise ValueError(f'the checkpoint holds another network than this run builds (first differences: '
                              f'{diff[:3]}); resume with the configuration that wrote it')
         for name, pieces in self.pieces.items():
-            ends = [0] + [b for _, b, _ in pieces]
-            if [a for a, _, _ in pieces] != ends[:-1] or ends[-1] != math.prod(self.shapes[name]):
+            if not tiles([(a, b) for a, b, _ in pieces], math.prod(self.shapes[name])):
                 raise CorruptState(f'the shard indexes hold elements {[(a, b) for a, b, _ in pieces]} of {name}, '
                                    f'not all {math.prod(self.shapes[name])} of them')
 
