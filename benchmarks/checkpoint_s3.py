@@ -6,7 +6,7 @@ bytes per rank moved by a plain boto3 `upload_file` / `download_file`, in the sa
     python benchmarks/checkpoint_s3.py --mib 512 --ranks 2
 
 Save: each rank's partitions -> its shard with the hashes, upload, commit. Restore on the same R ranks: manifest,
-indexes and each rank's own shard by a ranged read, verified, then the all-to-alls (which route nothing here: every
+indexes and each rank's own shard by a ranged read, verified, then the all-to-alls (which carry nothing here: every
 rank read exactly what it holds). Floor: the same bytes per rank through boto3. Each is timed until the slowest rank
 is done, over several rounds, alternating which goes first. The state is held like ZeRO-3's: each rank holds 1/R of
 every tensor (parameters, moments and the EMA alike). A restore on another number of ranks (an even cut of the

@@ -299,7 +299,8 @@ def load_state(layout: Layout, specs: Sequence[Spec], read_range: Callable[[str,
     """Collective: read this rank's span of the global order (`Layout.spans`, verified) and agree that every rank
     succeeded; then route every piece from the rank that read it to the ranks that hold it (`wants[i]`: the elements
     of tensor i this rank holds, its ZeRO partition or the whole tensor), one all-to-all per chunk of tensors, and hand
-    `set_(i, values)` those elements, flat. Returns the bytes this rank read."""
+    `set_(i, values)` those elements, flat (often a read-only view of a transfer buffer: `set_` copies it). Returns the
+    bytes this rank read."""
     layout.check(specs)
     spans = layout.spans(world)
     own, end = spans[rank]
@@ -316,26 +317,30 @@ def load_state(layout: Layout, specs: Sequence[Spec], read_range: Callable[[str,
                           else torch.empty(0), 'the state shards')
     held = gather_object([tuple(w) for w in wants])                                       # every rank's wants
     sends, gets = _routes(layout, specs, spans, held, rank)
-    for chunk in _chunks(specs):
-        out = [[(a, b) for i in chunk for a, b, _ in sends[i].get(q, ())] for q in range(world)]
-        into = [[(k, a, b, e) for k, i in enumerate(chunk) for a, b, e in gets[i].get(s, ())] for s in range(world)]
-        outgoing = torch.cat([mine[a - own:b - own] for q in out for a, b in q] + [torch.empty(0)]).to(device)
-        incoming = outgoing
+    for chunk in _chunks(specs):     # what this rank read for itself is not routed: views of its own read, no copy
+        out = [[] if q == rank else [(a, b) for i in chunk for a, b, _ in sends[i].get(q, ())] for q in range(world)]
+        into = [[] if s == rank else [(k, a, b, e) for k, i in enumerate(chunk) for a, b, e in gets[i].get(s, ())]
+                for s in range(world)]
+        received = [(k, e, mine[a - own:b - own].to(device)) for k, i in enumerate(chunk)
+                    for a, b, e in gets[i].get(rank, ())]
         if world > 1:
+            outgoing = torch.cat([mine[a - own:b - own] for q in out for a, b in q] + [torch.empty(0)]).to(device)
             incoming = torch.empty(sum(b - a for s in into for _, a, b, _ in s), device=device)
             torch.distributed.all_to_all_single(incoming, outgoing, [sum(b - a for _, a, b, _ in s) for s in into],
                                                 [sum(b - a for a, b in q) for q in out])
+            at = 0
+            for k, a, b, e in (piece for s in into for piece in s):  # senders in rank order, then tensor order
+                received.append((k, e, incoming[at:at + b - a]))
+                at += b - a
         values: list[torch.Tensor | None] = [None] * len(chunk)
-        at = 0
-        for k, a, b, e in (piece for s in into for piece in s):      # senders in rank order, then tensor order
+        for k, e, piece in received:
             lo, hi = held[rank][chunk[k]]
-            if b - a == hi - lo:                       # one sender had all of it: a view, no copy
-                values[k] = incoming[at:at + b - a]
+            if piece.numel() == hi - lo:               # one reader had all of it: a view, no copy
+                values[k] = piece
             else:
                 if values[k] is None:
                     values[k] = torch.empty(hi - lo, device=device)
-                values[k][e - lo:e - lo + b - a].copy_(incoming[at:at + b - a])
-            at += b - a
+                values[k][e - lo:e - lo + piece.numel()].copy_(piece)
         for k, i in enumerate(chunk):
             set_(i, torch.empty(0, device=device) if values[k] is None else values[k])
     return sum(counted)
