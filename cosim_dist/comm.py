@@ -4,8 +4,10 @@
 torch's own `CommDebugMode` does, and adds up the bytes each rank moves, by operation and by training phase. A
 collective's bytes per rank follow the bandwidth-optimal algorithm (the 'bus bytes' of nccl-tests): with a group of W
 ranks and a full tensor of S bytes, an all-gather or reduce-scatter moves (W-1)/W S per rank, an all-reduce
-2 (W-1)/W S (a reduce-scatter and an all-gather), an all-to-all (W-1)/W of what a rank sends, a broadcast, reduce,
-gather or scatter S. Point-to-point and barriers are not counted.
+2 (W-1)/W S (a reduce-scatter and an all-gather), an all-to-all (W-1)/W of what a rank sends, a broadcast, gather or
+scatter S. A reduce to one root is counted as what this rank sends under a ring or tree: S, nothing at the root (so W
+reduces of S/W, one to each owner, move (W-1)/W S per rank, a reduce-scatter's bytes). Point-to-point and barriers are
+not counted.
 
 `lower_bound` is the analytic minimum of the CoSIM iteration (Eq. L1) for a ZeRO stage, in the same units."""
 
@@ -39,15 +41,17 @@ def _nbytes(x) -> int:
         return sum(_nbytes(y) for y in x)
     return 0
 
-def _group_size(args) -> int:
-    """Ranks in the collective's process group (the first TorchScript-boxed ProcessGroup among the arguments)."""
+def _group(args) -> tuple[int, int]:
+    """(ranks, this rank) in the collective's process group (the first TorchScript-boxed ProcessGroup among the
+    arguments)."""
     for a in args:
         if isinstance(a, torch.ScriptObject):
             try:
-                return torch.distributed.ProcessGroup.unbox(a).size()
+                group = torch.distributed.ProcessGroup.unbox(a)
             except (RuntimeError, TypeError):         # another boxed object (a ReduceOp)
                 continue
-    return torch.distributed.get_world_size()
+            return group.size(), group.rank()
+    return torch.distributed.get_world_size(), torch.distributed.get_rank()
 
 class CommMeter(TorchDispatchMode):
     """Context manager: bytes per rank of every collective issued inside, `by_op` and `by_phase` (the phase named by
@@ -64,8 +68,8 @@ class CommMeter(TorchDispatchMode):
         entry = OPS.get(func._overloadpacket)
         if entry is not None:
             kind, at = entry
-            w = _group_size(args)
-            if w > 1:
+            w, rank = _group(args)
+            if w > 1 and not (kind == 'reduce' and args[3] == rank):        # c10d.reduce_: args[3] is the root
                 moved = round(SHARE[kind](w) * _nbytes(args[at]))
                 self.by_op[kind] += moved
                 self.by_phase[self.phase()] += moved
@@ -92,8 +96,11 @@ class StepShape:
 def lower_bound(stage: int, s: StepShape) -> dict[str, int]:
     """Minimal bytes per rank per Eq. L1 iteration for ZeRO `stage`, per network, bandwidth-optimal collectives:
     - stage 0 (replicated weights): one all-reduce of the gradients per optimiser step;
-    - stages 1 and 2 (replicated weights, sharded optimiser): one reduce-scatter of the gradients and one all-gather
-      of the updated parameters per optimiser step;
+    - stage 1 (replicated weights, sharded optimiser): one reduce-scatter of the gradients and one all-gather of the
+      updated parameters per optimiser step;
+    - stage 2 (the gradients partitioned too): the same, but a reduce-scatter of each micro-batch's gradients, as
+      under stage 3: no rank keeps a whole gradient from one micro-batch to the next (that is the memory stage 2
+      saves), so each micro-batch's gradients leave before the next backward pass;
     - stage 3 (no rank keeps a full network between phases): an all-gather of the parameters for every phase of
       every micro-batch in which the network runs (kept from its forward to its backward pass), and a
       reduce-scatter of each micro-batch's gradients. Per micro-batch G runs in each auxiliary step (forward, no
@@ -107,7 +114,7 @@ def lower_bound(stage: int, s: StepShape) -> dict[str, int]:
     if stage == 0:
         out = {k: 2 * grads[k] * steps[k] for k in steps}
     elif stage in (1, 2):
-        out = {k: (grads[k] + gather[k]) * steps[k] for k in steps}
+        out = {k: ((s.rounds if stage == 2 else 1) * grads[k] + gather[k]) * steps[k] for k in steps}
     else:
         kept = {'generator': f * s.persistent_g * s.param_bytes, 'auxiliary': f * s.persistent_aux * s.param_bytes}
         passes = s.rounds * (s.aux_steps + 1)

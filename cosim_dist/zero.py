@@ -23,8 +23,12 @@ def deepspeed_config(micro_batch: int, accum: int, world_size: int, zero_stage: 
         'train_micro_batch_size_per_gpu': micro_batch,
         'gradient_accumulation_steps': accum,
         # overlap_comm: gradient reductions run on their own stream while the backward pass goes on (the default
-        # under stage 3 only); it changes when bytes move, not how many (comm.py counts the same)
-        'zero_optimization': {'stage': zero_stage, **({'overlap_comm': True} if zero_stage > 0 else {})},
+        # under stage 3 only); it changes when bytes move, not how many (comm.py counts the same).
+        # use_multi_rank_bucket_allreduce off: stages 1/2 reduce each gradient slice to the rank that owns it (one
+        # reduce per owner, a reduce-scatter's bytes) instead of all-reducing whole buckets (twice those bytes);
+        # measured with comm.py, stage 1 goes from 1.50x to 1.00x of the lower bound, stage 2 from 2.50x to 1.50x
+        'zero_optimization': {'stage': zero_stage, **({'overlap_comm': True} if zero_stage > 0 else {}),
+                              **({'use_multi_rank_bucket_allreduce': False} if zero_stage in (1, 2) else {})},
         'gradient_clipping': 0.0,
         'steps_per_print': 2 ** 62,
     }

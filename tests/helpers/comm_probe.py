@@ -19,6 +19,8 @@ with CommMeter(phase=lambda: phase[0]) as meter:
     torch.distributed.all_gather([torch.empty(10) for _ in range(w)], torch.ones(10))  # S = 40 w
     torch.distributed.reduce_scatter_tensor(torch.empty(50), torch.ones(50 * w))      # S = 200 w
     torch.distributed.all_to_all_single(torch.empty(8 * w), torch.ones(8 * w))        # S = 32 w
+    torch.distributed.reduce(torch.ones(100), dst=0)                                 # S = 400, rank 0 the root
+    torch.distributed.reduce(torch.ones(25), dst=w - 1)                              # S = 100
     torch.distributed.barrier()
     torch.distributed.all_reduce(torch.ones(7), group=torch.distributed.new_group([rank]))  # a group of one: nothing
 if rank == 0:
