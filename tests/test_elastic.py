@@ -47,7 +47,8 @@ def test_each_rank_receives_exactly_what_it_holds(route_probe, tmp_path, written
     tests/helpers/route_probe.py): set_ receives, for every tensor, exactly the elements the rank holds (value by
     value), whatever the chunking of the all-to-alls (one chunk, several, one tensor per chunk); each rank reads its
     span of the global order plus at most a verification block at each end of each file it reads from. On the writers'
-    number of ranks each rank reads exactly the file it wrote and receives only the replicated tensor from others."""
+    number of ranks each rank reads exactly the file it wrote and receives only the replicated tensor from others.
+    What a rank read for itself never goes through the all-to-all (views of its own read)."""
     probe = route_probe
     write(probe, tmp_path, written)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={world}',
@@ -61,7 +62,7 @@ def test_each_rank_receives_exactly_what_it_holds(route_probe, tmp_path, written
         lo, hi = (x * ITEM for x in out['span'])
         spans.append(out['span'])
         assert out['bytes'] == out['spans'] and hi - lo <= out['bytes'] <= hi - lo + 2 * written * elastic.BLOCK_MIN
-        assert sorted(out['got']) == list(range(len(probe.SPECS)))
+        assert sorted(out['got']) == list(range(len(probe.SPECS))) and out['to_self'] == 0
         for i, (a, b) in enumerate(probe.wants_of(rank, world)):
             assert torch.equal(out['got'][i], probe.values(i).flatten()[a:b]), (rank, i)
         if written == world:

@@ -54,16 +54,18 @@ def main(out: str, directory: str, chunk: str) -> None:
             f.seek(start)
             return f.read(end - start)
 
-    received, all_to_all = [], torch.distributed.all_to_all_single
+    received, to_self, all_to_all = [], [], torch.distributed.all_to_all_single
 
-    def counting(output, input, output_split_sizes, input_split_sizes):      # elements from the other ranks
+    def counting(output, input, output_split_sizes, input_split_sizes):      # elements from the other ranks, itself
         received.append(sum(output_split_sizes) - output_split_sizes[rank])
+        to_self.append(output_split_sizes[rank])
         return all_to_all(output, input, output_split_sizes, input_split_sizes)
     torch.distributed.all_to_all_single = counting
     got = {}
     nbytes = load_state(layout, SPECS, read_range, wants_of(rank, world), lambda i, v: got.setdefault(i, v.clone()),
                         rank, world)
     torch.save({'bytes': nbytes, 'spans': sum(spans), 'span': layout.spans(world)[rank], 'received': sum(received),
+                'to_self': sum(to_self),
                 'total': layout.total, 'got': got}, f'{out}-{rank}.pt')
     torch.distributed.destroy_process_group()
 
