@@ -35,7 +35,8 @@ def run_one(out: pathlib.Path, mode: str, combo: dict, extra: list[str]) -> list
     path = out / name / 'eval.json'
     if not path.exists():                    # finished runs are kept: a rerun of the study only fills the gaps
         args = [f'run.root={out}', f'run.name={name}', 'task=default', 'logging.wandb=disabled',
-                'logging.progress=false', f'schedule.ratio={combo["ratio"]}', f'schedule.kind={combo["kind"]}',
+                'logging.progress=false', f'schedule.ratio={combo["ratio"]}', 'schedule.ratio_mix=null',  # one R
+                f'schedule.kind={combo["kind"]}',
                 f'aux.t_embed={combo["t_embed"]}', f'teacher.kind={combo["teacher"]}', f'run.seed={combo["seed"]}',
                 'data.gmm.seed=0', *BUDGET[mode], *extra]
         t0 = time.time()
