@@ -21,7 +21,7 @@ from .samplers import cosim_spec, dpm_spec, heun_spec, sample, sampler_moments, 
 
 # eval.json columns of a toy row, with the printed table's headers
 TOY_METRICS = {'frechet_distance': 'Frechet dist.', 'within_component_fd': 'within-comp. FD',
-               'component_weight_tv': 'weight TV', 'nll_per_dim': 'NLL/dim'}
+               'within_component_bias': '(its bias)', 'component_weight_tv': 'weight TV', 'nll_per_dim': 'NLL/dim'}
 
 def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, device: torch.device,
                  env: DistEnv = DistEnv()) -> list[dict]:
@@ -78,6 +78,8 @@ class ComponentStats:
     component of its class, and in that component's rank-K basis whitened by its true variances it should be N(0, I).
       within_component_fd: mean over components of the Frechet distance of those coordinates to N(0, I) (a sampler
                            that returns each component's mean scores K = gmm.rank; exact samples the finite-n floor)
+      within_component_bias: its mean-offset term, the mean over components of |E z|^2 (the rest is the spread's
+                           error: too little, too much or misdirected variation inside the component)
       component_weight_tv: mean over classes of the total-variation distance between the share of samples in each
                            component and the true equal weights
       nll_per_dim:         mean exact negative log-likelihood -log p(x | c) per pixel (nats)
@@ -104,14 +106,16 @@ class ComponentStats:
 
     def metrics(self) -> dict[str, float]:
         K, R = self.world.cfg.rank, self.world.cfg.components
-        fds = []
+        fds, biases = [], []
         for c in (self.count >= 2).nonzero().flatten().tolist():
             n, mu = self.count[c], self.sum[c] / self.count[c]
             cov = (self.outer[c] - n * torch.outer(mu, mu)) / (n - 1)
             fds.append(frechet_distance(mu.numpy(), cov.numpy(), np.zeros(K), np.eye(K)))
-        fds += [float(K)] * int((self.count < 2).sum())      # a component (nearly) never visited: as if collapsed
+            biases.append(float(mu.pow(2).sum()))
+        unvisited = int((self.count < 2).sum())              # a component (nearly) never visited: as if collapsed
+        fds, biases = fds + [float(K)] * unvisited, biases + [0.0] * unvisited
         share = self.count.reshape(-1, R) / self.count.reshape(-1, R).sum(1, keepdim=True).clamp(min=1)
-        return {'within_component_fd': float(np.mean(fds)),
+        return {'within_component_fd': float(np.mean(fds)), 'within_component_bias': float(np.mean(biases)),
                 'component_weight_tv': float((0.5 * (share - 1 / R).abs().sum(1)).mean()),
                 'nll_per_dim': float(self.nll.item() / self.count.sum().item() / self.world.dim)}
 

@@ -35,8 +35,9 @@ def stats_of(world, x, labels):
 
 def test_component_stats_see_diversity_inside_the_modes():
     """Exact samples sit at the finite-n floor; samples collapsed to their component means score K on the
-    within-component distance (no spread) while the Frechet distance of the whole mixture barely notices; samples
-    all from one component per class score the component-weight error 1 - 1/R."""
+    within-component distance (no spread, no bias) while the Frechet distance of the whole mixture barely notices;
+    exact samples moved by d standard deviations along a component's first direction add d^2 to the distance, all
+    of it bias; samples all from one component per class score the component-weight error 1 - 1/R."""
     from cosim_dist.config import GMMConfig
     from cosim_dist.toy import GMMWorld
     world = GMMWorld(GMMConfig(classes=3, components=3, rank=4), resolution=8, channels=1)
@@ -48,6 +49,15 @@ def test_component_stats_see_diversity_inside_the_modes():
     means = world.mu[labels * 3 + k].reshape(x.shape).float()
     collapsed = stats_of(world, means, labels)
     assert abs(collapsed['within_component_fd'] - 4) < 0.05 and collapsed['component_weight_tv'] < 0.05
+    assert collapsed['within_component_bias'] < 1e-6
+    comp = labels * 3 + k
+    d = 1.5                                                                    # z_0 -> z_0 + d in whitened units
+    lam0 = (world.a[comp, 0] ** 2 + world.eps2).sqrt()
+    shifted = stats_of(world, x + (d * lam0[:, None] * world.Q[comp, :, 0]).reshape(x.shape).float(), labels)
+    # the cross term 2 d mean(z_0) averaged over 9 components of ~670 samples has std 2 d / sqrt(6000) = 0.04: 5 sigma
+    assert abs(shifted['within_component_bias'] - (exact['within_component_bias'] + d ** 2)) < 0.2
+    assert abs(shifted['within_component_fd'] - shifted['within_component_bias']
+               - (exact['within_component_fd'] - exact['within_component_bias'])) < 1e-6     # the spread is unchanged
     one = world.mu[labels * 3].reshape(x.shape).float() + (x - means)          # every sample moved to component 0
     single = stats_of(world, one, labels)
     assert abs(single['component_weight_tv'] - 2 / 3) < 1e-9
