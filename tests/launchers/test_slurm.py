@@ -112,6 +112,9 @@ def test_an_error_on_rank_0_alone_ends_the_job(slurm_cluster, cluster_s3, tmp_pa
     t0 = time.monotonic()
     wait_for(lambda: job_state(job) in ('', 'FAILED', 'CANCELLED', 'COMPLETED'), 60, 'the job to end', log)
     print(f'job ended {time.monotonic() - t0:.0f} s after it started')
-    state = subprocess.run(['sacct', '-n', '-X', '-j', job, '-o', 'State'], capture_output=True, text=True).stdout
-    assert 'FAILED' in state, state
+    # slurmdbd records a job's start and end asynchronously: sacct may still say PENDING once squeue has dropped it
+    state = lambda: subprocess.run(['sacct', '-n', '-X', '-j', job, '-o', 'State'], capture_output=True,
+                                   text=True).stdout.strip()
+    wait_for(lambda: state() not in ('', 'PENDING', 'RUNNING'), 60, 'the accounting record of the end', log)
+    assert 'FAILED' in state(), state()
     assert 'run directory /proc/cosim-cannot-write/bad is not writable' in log(), log()[-5000:]
