@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from cosim_dist import cosim  # noqa: E402
 from cosim_dist.build import denoiser, make_world, noise_range, toy_teacher_path  # noqa: E402
 from cosim_dist.config import Config  # noqa: E402
+from cosim_dist.eval.results import format_table  # noqa: E402
 from cosim_dist.eval.toy import TOY_METRICS, ComponentStats  # noqa: E402
 from cosim_dist.teacher_io import load_snapshot  # noqa: E402
 
@@ -59,15 +60,13 @@ def attribution(cfg: Config, G: torch.nn.Module, teacher: torch.nn.Module, steps
 
     rows = [row('exact samples (floor)', 0, x0)]
     rows += [row(f'G one step @ {tau:.4g}', 1, G(x0 + tau * draws[k], sigma(tau), c)) for k, tau in enumerate(grid)]
-    x = z * grid[0]
-    for k, tau in enumerate(grid):
-        if k > 0:                                          # the Eq. S1 state at tau_k, after k jumps
-            rows.append(row(f'chain @ {tau:.4g} -> Heun', k + 2 * heun_steps - 1, heun_from(x, tau)))
-            rows.append(row(f'exact @ {tau:.4g} -> Heun', 2 * heun_steps - 1, heun_from(x0 + tau * draws[k], tau)))
-        x0_hat = G(x, sigma(tau), c)
-        if k + 1 < len(grid):
-            x = x0_hat + grid[k + 1] * draws[k + 1]
-    rows.append(row(f'CoSIM K={steps} (whole sampler)', steps, x0_hat))
+    for k, tau in enumerate(grid[1:], start=1):
+        # the Eq. S1 state at tau_k: the sampler over the first k grid points, re-noised to tau_k (draws[j] re-noises
+        # to grid[j], as in the whole sampler below)
+        x = cosim.cosim_sample(G, z, c, grid[:k], draws[1:]) + tau * draws[k]
+        rows.append(row(f'chain @ {tau:.4g} -> Heun', k + 2 * heun_steps - 1, heun_from(x, tau)))
+        rows.append(row(f'exact @ {tau:.4g} -> Heun', 2 * heun_steps - 1, heun_from(x0 + tau * draws[k], tau)))
+    rows.append(row(f'CoSIM K={steps} (whole sampler)', steps, cosim.cosim_sample(G, z, c, grid, draws[1:])))
     return rows
 
 def main() -> None:
@@ -83,11 +82,7 @@ def main() -> None:
     G = load_snapshot(a.run_dir / 'generator.pt')[0]
     teacher = denoiser(cfg, load_snapshot(toy_teacher_path(cfg))[0])
     rows = attribution(cfg, G, teacher, a.steps, a.samples, a.heun_steps)
-    print('| row | NFE | ' + ' | '.join(TOY_METRICS[m] for m in TOY_METRICS if m != 'frechet_distance') + ' |')
-    print('|---|---|' + '---|' * (len(TOY_METRICS) - 1))
-    for r in rows:
-        print(f'| {r["name"]} | {r["nfe"]} | '
-              + ' | '.join(f'{r[m]:.3f}' for m in TOY_METRICS if m != 'frechet_distance') + ' |')
+    print(format_table(rows, {k: v for k, v in TOY_METRICS.items() if k != 'frechet_distance'}))
 
 if __name__ == '__main__':
     main()
