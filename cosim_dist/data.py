@@ -24,6 +24,7 @@ Corrupt shards (missing, truncated, sha256 or content mismatch) are skipped, cou
 to the 'cosim_dist' logger. The state lists them ('bad_shards') and a resumed stream treats them as empty, so resume
 stays exact across a skipped shard when the saving rank's state lists it (each rank only knows the shards it met).
 """
+import functools
 import itertools
 import logging
 import os
@@ -157,6 +158,11 @@ class _Slots(torch.utils.data.IterableDataset):
             yield torch.from_numpy(np.stack(xs)), torch.from_numpy(c), found.copy()
             found.clear()
 
+def _set_environ(environ: dict[str, str], worker: int) -> None:
+    """DataLoader worker_init_fn: the reader's environment (S3 credentials and endpoint among it) in the worker."""
+    os.environ.clear()
+    os.environ.update(environ)
+
 def delivered(step: int, worker: int, workers: int, batch: int) -> int:
     """Samples the slot of `worker` delivered in a rank's first `step` batches (batch k: worker k % workers)."""
     return max(0, -(-(step - worker) // workers)) * batch
@@ -218,8 +224,19 @@ class ShardStream:
         plan, step = self._plan()
         slots = _Slots(self.store, self.info, self.entries, plan, seed=self.seed, batch=self.batch_size, rank=self.rank,
                        workers=max(self.num_workers, 1), step=step)
+        context = None
+        if self.num_workers:
+            # Workers come from a fork server, not a fork of this process: a fork copies the locks that this process's
+            # other threads (NCCL / gloo, boto3, wandb, tqdm's monitor, OpenMP) hold at that instant, and a worker that
+            # needs one waits forever, and with it next_batch(). The server is a fresh interpreter (exec, not fork)
+            # with this module (and torch) imported, started on first use; each worker forks that one-thread process.
+            # The server's environment is the one it started with: each worker takes this process's current one.
+            context = torch.multiprocessing.get_context('forkserver')
+            context.set_forkserver_preload([__name__])
         return iter(torch.utils.data.DataLoader(slots, batch_size=None, num_workers=self.num_workers,
-                                                prefetch_factor=self.prefetch if self.num_workers else None))
+                                                prefetch_factor=self.prefetch if self.num_workers else None,
+                                                multiprocessing_context=context,
+                                                worker_init_fn=functools.partial(_set_environ, dict(os.environ))))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 float32 [batch_size, C, H, W] and one-hot labels float32 [batch_size, label_dim]."""

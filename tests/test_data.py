@@ -2,9 +2,11 @@
 
 import collections
 import logging
+import os
 import uuid
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -135,6 +137,15 @@ def test_a_second_layout_change_keeps_the_inherited_visits_of_later_epochs():
     assert sorted(i for c in new.carry for i in c) == [(0, 3, 15), (1, 1, 0), (1, 2, 0), (1, 5, 0)]
     assert new.first_epoch == 2
 
+def test_workers_are_not_forks_of_the_reading_process(latents):
+    """A fork of the reader copies the locks its other threads (gloo, boto3, tqdm's monitor, OpenMP) hold at that
+    instant, and a worker that needs one hangs next_batch() for good (once in CI, inside the layout test above): the
+    workers must be forks of the fork server, a fresh interpreter, not of this process."""
+    stream = ShardStream(latents, batch_size=4, num_workers=2)
+    assert sum(len(x) for x, _ in _take(stream, 4)) == 16
+    workers = [psutil.Process(w.pid) for w in stream._batches._workers]
+    assert len(workers) == 2 and all(w.ppid() not in (os.getpid(), 0) for w in workers)
+
 def test_other_seeds_and_versions_are_refused(latents):
     state = ShardStream(latents, batch_size=4, seed=1).state_dict()
     with pytest.raises(ValueError, match='saved with seed 1, this stream has 0'):
@@ -186,8 +197,13 @@ def test_manifest_metadata_roundtrip(latents):
         ShardStream(f'{latents}/nowhere', batch_size=1)
 
 @pytest.mark.s3
-def test_s3_stream_equals_local(latents, s3_env):
-    remote = open_store(f's3://{s3_env.bucket}/{uuid.uuid4().hex}/latents')
+def test_s3_stream_equals_local(latents, s3_endpoint, monkeypatch):
+    """...with the endpoint and credentials set in the environment only after the workers' fork server started: the
+    workers read with the environment of the reader, not the one the server started with."""
+    _take(ShardStream(latents, batch_size=4, num_workers=1), 1)
+    for key, value in s3_endpoint.env().items():
+        monkeypatch.setenv(key, value)
+    remote = open_store(f's3://{s3_endpoint.bucket}/{uuid.uuid4().hex}/latents')
     local = open_store(latents)
     for key in local.list():
         remote.put_file(local.root / key, key)
