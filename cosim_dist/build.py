@@ -153,8 +153,9 @@ def get_teacher(cfg: Config, device: torch.device, retrain: bool = False) -> tor
         torch.manual_seed(cfg.run.seed)
         net = new_network(cfg).to(device)
         stream = make_stream(cfg, cfg.pretrain.batch, seed=cfg.run.seed + 1)
+        exact = ExactDenoiser(make_world(cfg)) if cfg.pretrain.target == 'exact' else None
         save_snapshot(path, pretrain_teacher(net, stream, cfg.pretrain, cfg.model.sigma_data, cfg.run.seed,
-                                             make_logger(cfg, 'pretrain')))
+                                             make_logger(cfg, 'pretrain'), exact))
         log.info(f'toy teacher saved to {path}')
     distributed.share_file(path)                        # rank 0's teacher on every node's disk (run.root may be local)
     return load_snapshot(path)[0].to(device)

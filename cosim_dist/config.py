@@ -161,6 +161,10 @@ class PretrainConfig:
     p_mean: float = -1.0             # ln sigma ~ N(p_mean, p_std^2) (EDM training noise)
     p_std: float = 1.4               # std of ln sigma
     ema_halflife_kimg: float = 10.0  # teacher EMA half-life in kimg
+    # regression target: data = the clean sample x0 (EDM denoising score matching) | exact = the toy world's
+    # closed-form E[x0 | x_sigma, c] (the same minimiser without the target's noise: a teacher fitted to the exact
+    # denoiser, so that teacher.kind=exact runs start G and the auxiliary from a network close to their D_phi)
+    target: str = 'data'
 
 @dataclasses.dataclass
 class EvalConfig:

@@ -38,6 +38,7 @@ CHOICES = {
     'engine.zero_stage': (0, 1, 2, 3),
     'engine.precision': ('fp32', 'bf16'),
     'teacher.kind': ('network', 'exact'),
+    'pretrain.target': ('data', 'exact'),
     'schedule.kind': ('rho', 'sigma', 'logsigma'),          # cosim.T1_KINDS (tests/test_config.py holds them equal)
     'engine.compile': ('none', 'default', 'reduce-overhead', 'max-autotune'),
     'teacher.precision': ('auto', 'bf16', 'fp32'),
@@ -114,6 +115,9 @@ def validate(cfg: Any) -> None:
     if cfg.teacher.kind == 'exact' and (cfg.data.kind != 'gmm' or cfg.model.teacher is not None):
         problem('teacher.kind=exact is the toy world\'s closed-form denoiser: it needs data=gmm (data.kind=gmm) and '
                 'no model.teacher; use teacher.kind=network for a real teacher')
+    if cfg.pretrain.target == 'exact' and cfg.data.kind != 'gmm':
+        problem('pretrain.target=exact regresses onto the toy world\'s closed-form denoiser: it needs data=gmm; real '
+                'data trains on its samples (pretrain.target=data)')
     e = cfg.engine
     if e.bf16_weights and (e.backend != 'deepspeed' or e.zero_stage == 0 or e.precision != 'bf16'):
         problem(f'engine.bf16_weights=true keeps bf16 weights beside fp32 master weights in DeepSpeed ZeRO 1-3 under '

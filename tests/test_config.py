@@ -52,6 +52,8 @@ def test_defaults_groups_and_overrides():
     (['generate.steps=2', 'generate.grid=[80]'], 'generate.grid=[80.0] must hold generate.steps=2 positive'),
     (['generate.steps=2', 'generate.grid=[1,2]'], 'strictly decreasing'),
     (['generate.png=false'], 'would write nothing'),
+    (['pretrain.target=x0'], "pretrain.target='x0' is invalid; valid choices: data, exact"),
+    (['data.kind=shards', 'data.path=/data', 'pretrain.target=exact'], 'pretrain.target=exact regresses onto the toy'),
 ])
 def test_bad_config_is_a_clear_error(args, message):
     with pytest.raises(ConfigError) as e:
