@@ -165,6 +165,10 @@ class PretrainConfig:
     # closed-form E[x0 | x_sigma, c] (the same minimiser without the target's noise: a teacher fitted to the exact
     # denoiser, so that teacher.kind=exact runs start G and the auxiliary from a network close to their D_phi)
     target: str = 'data'
+    # with target=exact: each clean sample's offset inside its component's subspace is scaled by `spread` before the
+    # noise is added (spread > 1 trains the teacher off the data, where a generator's errors land; the target stays
+    # the true world's E[x0 | x_sigma, c])
+    spread: float = 1.0
 
 @dataclasses.dataclass
 class EvalConfig:

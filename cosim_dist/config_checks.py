@@ -115,6 +115,9 @@ def validate(cfg: Any) -> None:
     if cfg.teacher.kind == 'exact' and (cfg.data.kind != 'gmm' or cfg.model.teacher is not None):
         problem('teacher.kind=exact is the toy world\'s closed-form denoiser: it needs data=gmm (data.kind=gmm) and '
                 'no model.teacher; use teacher.kind=network for a real teacher')
+    if cfg.pretrain.spread != 1 and (cfg.pretrain.target != 'exact' or cfg.pretrain.spread <= 0):
+        problem(f'pretrain.spread={cfg.pretrain.spread} needs pretrain.target=exact and a value > 0 (a widened sample '
+                f'has no clean target of its own)')
     if cfg.pretrain.target == 'exact' and cfg.data.kind != 'gmm':
         problem('pretrain.target=exact regresses onto the toy world\'s closed-form denoiser: it needs data=gmm; real '
                 'data trains on its samples (pretrain.target=data)')

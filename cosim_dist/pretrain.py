@@ -17,8 +17,11 @@ from .trainer import BatchStream
 def dsm_loss(net: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, cfg: PretrainConfig,
              sigma_data: float, gen: torch.Generator, exact: torch.nn.Module | None = None) -> torch.Tensor:
     """EDM denoising score matching loss (docs/ALGORITHM.md), summed over pixels, mean over the batch; the target is
-    x0, or exact(x_sigma, sigma, labels) where an exact denoiser is given."""
+    x0, or exact(x_sigma, sigma, labels) where an exact denoiser is given (then x0 first widened by cfg.spread inside
+    its component, GMMWorld.widen)."""
     n = x0.shape[0]
+    if exact is not None and cfg.spread != 1:
+        x0 = exact.world.widen(x0, labels.argmax(1), cfg.spread)
     sigma = (torch.randn(n, generator=gen, device=x0.device) * cfg.p_std + cfg.p_mean).exp()
     noisy = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen, device=x0.device)
     target = x0 if exact is None else exact(noisy, sigma, labels)

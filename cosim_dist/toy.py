@@ -91,6 +91,15 @@ class GMMWorld:
                                  proj * ((a2 + self.eps2) / lam - self.eps2 / v)) + (self.eps2 / v) * r
         return (w.unsqueeze(-1) * post).sum(1).reshape(x.shape).to(x.dtype)
 
+    def widen(self, x: torch.Tensor, labels: torch.Tensor, factor: float) -> torch.Tensor:
+        """x [n, C, H, W] with each sample's offset from its most probable component's mean, inside that component's
+        subspace, scaled by `factor`: x + (factor - 1) Q Q^T (x - mu) (factor > 1: off the data, on its modes)."""
+        Q, _, _, _, _, proj, _, logp = self._terms(x, 0.0, labels)
+        k = logp.argmax(1)
+        rows = torch.arange(len(k))
+        inside = torch.einsum('ndk,nk->nd', Q[rows, k], proj[rows, k])
+        return (x.reshape(len(k), -1).double() + (factor - 1) * inside).reshape(x.shape).to(x.dtype)
+
     def components(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For samples x [n, ...] of classes `labels`: the most probable component of the class (index 0..R-1), the
         sample's coordinates in that component's basis whitened by its true variances, (Q^T (x - mu)) / sqrt(a^2 +

@@ -52,6 +52,7 @@ def test_defaults_groups_and_overrides():
     (['generate.steps=2', 'generate.grid=[80]'], 'generate.grid=[80.0] must hold generate.steps=2 positive'),
     (['generate.steps=2', 'generate.grid=[1,2]'], 'strictly decreasing'),
     (['generate.png=false'], 'would write nothing'),
+    (['pretrain.spread=2'], 'pretrain.spread=2.0 needs pretrain.target=exact'),
     (['pretrain.target=x0'], "pretrain.target='x0' is invalid; valid choices: data, exact"),
     (['data.kind=shards', 'data.path=/data', 'pretrain.target=exact'], 'pretrain.target=exact regresses onto the toy'),
 ])

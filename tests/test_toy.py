@@ -89,3 +89,23 @@ def test_exact_denoiser_is_the_world_posterior_mean_and_differentiable():
     assert D.dtype == x.dtype and torch.allclose(D, world.denoise(x.detach(), sigma, labels))
     D.square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+def test_widen_scales_the_offset_inside_the_component_and_nothing_else():
+    """GMMWorld.widen (pretrain.spread): the whitened coordinates in the sample's component scale by the factor, the
+    part of x outside the component's subspace does not move."""
+    from cosim_dist.config import GMMConfig
+    from cosim_dist.toy import GMMWorld
+    world = GMMWorld(GMMConfig(classes=2, components=2, rank=2), resolution=4, channels=1)
+    x, labels = world.sample(200, torch.Generator().manual_seed(3))
+    assert torch.equal(world.widen(x, labels, 1.0), x)
+    wide = world.widen(x, labels, 2.0)
+    k, z, _ = world.components(x.double(), labels)
+    k2, z2, _ = world.components(wide.double(), labels)
+    same = k == k2
+    assert same.float().mean() > 0.9
+    assert torch.allclose(z2[same], 2 * z[same], atol=1e-4)
+    comp = labels * 2 + k
+    Q = world.Q[comp].float()                                                    # [n, D, rank]
+    moved = (wide - x).flatten(1)
+    assert torch.allclose(moved - torch.einsum('ndk,nk->nd', Q, torch.einsum('ndk,nd->nk', Q, moved)),
+                          torch.zeros_like(moved), atol=1e-5)
