@@ -20,5 +20,5 @@ def test_the_exact_denoiser_is_the_zero_of_the_exact_target_loss_and_the_data_ta
     shrink = lambda x, sigma, labels: 0.9 * exact(x, sigma, labels)
     on_data = loss(shrink, exact)
     assert on_data > 1e-3
-    cfg.spread = 2.0        # inputs widened off the data (GMMWorld.widen): other inputs, the exact denoiser still the zero
+    cfg.spread = 2.0        # inputs widened off the data (GMMWorld.widen); the exact denoiser is still the zero
     assert loss(exact, exact) < 1e-9 and abs(loss(shrink, exact) - on_data) > 0.05 * on_data
