@@ -240,14 +240,15 @@ def build_trainer(cfg: Config, teacher: torch.nn.Module, device: torch.device, e
 def distil(cfg: Config, teacher: torch.nn.Module, device: torch.device, env: DistEnv = DistEnv(),
            should_stop=lambda: False, snapshot=None) -> torch.nn.Module:
     """Train (or resume) the generator; returns its EMA, also saved (rank 0) as <run_dir>/generator.pt with its
-    default Eq. S1 grid for every K of eval.steps (`extra['grids']`, used by task=generate). The invocation is
-    recorded once the checkpoint's config was accepted; `snapshot` (eval/snapshots.py) runs every eval.every_kimg."""
+    default Eq. S1 grid for every K of eval.steps and its kernel.eta (`extra['grids']`, `extra['eta']`, used by
+    task=generate). The invocation is recorded once the checkpoint's config was accepted; `snapshot`
+    (eval/snapshots.py) runs every eval.every_kimg."""
     trainer = build_trainer(cfg, teacher, device, env, should_stop,
                             on_start=(lambda: record_invocation(cfg)) if env.rank == 0 else lambda: None,
                             snapshot=snapshot)
     state = trainer.train()
     if env.rank == 0 and state.nimg >= cfg.train.kimg * 1000:
         grids = {K: cosim.default_grid(K, noise_range(cfg), cfg.eval.grid_scale) for K in cfg.eval.steps}
-        save_snapshot(cfg.run_dir / 'generator.pt', trainer.ema, extra={'grids': grids})
+        save_snapshot(cfg.run_dir / 'generator.pt', trainer.ema, extra={'grids': grids, 'eta': cfg.kernel.eta})
         publish(cfg, cfg.run_dir / 'generator.pt')
     return trainer.ema

@@ -107,13 +107,19 @@ class KernelSample:
 def _bcast(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1, 1, 1, 1)
 
+def kernel_mean(x0_hat: torch.Tensor, x_t: torch.Tensor, sigma_s: torch.Tensor | float,
+                sigma_t: torch.Tensor | float, eta: float) -> torch.Tensor:
+    """Eq. K1: the kernel mean m = x0_hat + sigma_s sqrt(1 - eta^2) n_hat, n_hat = (x_t - x0_hat) / sigma_t
+    (x_s = m + sigma_s eta n_s); sigmas are scalars or broadcastable tensors."""
+    return x0_hat if eta == 1 else x0_hat + sigma_s * math.sqrt(1 - eta ** 2) * (x_t - x0_hat) / sigma_t
+
 def transition_kernel(G: Net, x0: torch.Tensor, labels: torch.Tensor | None, sigma_s: torch.Tensor,
                       sigma_t: torch.Tensor, n_t: torch.Tensor, n_s: torch.Tensor, eta: float = 1.0) -> KernelSample:
     """Eq. K1: forward-noise real data to sigma_t with n_t, apply the generator, re-noise to sigma_s with n_s."""
     s, t = _bcast(sigma_s), _bcast(sigma_t)
     x_t = x0 + t * n_t
     x0_hat = G(x_t, sigma_t, labels).to(x0.dtype)
-    mean = x0_hat if eta == 1 else x0_hat + s * math.sqrt(1 - eta ** 2) * (x_t - x0_hat) / t
+    mean = kernel_mean(x0_hat, x_t, s, t, eta)
     x_s = mean + s * eta * n_s
     target = mean if eta == 1 else x_s - (x_s - mean) / eta ** 2
     return KernelSample(x_t=x_t, x0_hat=x0_hat, x_s=x_s, target=target)
@@ -188,15 +194,16 @@ def default_grid(K: int, noise: NoiseRange, scale: float = 1.0) -> list[float]:
 
 @torch.no_grad()
 def cosim_sample(G: Net, z: torch.Tensor, labels: torch.Tensor | None, grid: list[float],
-                 noise: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Eq. S1: x = tau_K z; for k = K..1: x0_hat = G(x; tau_k, c); if k > 1: x = x0_hat + tau_{k-1} n.
-    `noise` supplies the K-1 re-noising draws (for seed-exact generation); NFE = K."""
+                 noise: list[torch.Tensor] | None = None, eta: float = 1.0) -> torch.Tensor:
+    """Eq. S1: x = tau_K z; for k = K..1: x0_hat = G(x; tau_k, c); if k > 1: x = x0_hat + tau_{k-1} n, or with
+    eta < 1 the Eq. K1 kernel the generator was trained with (mean + tau_{k-1} eta n). `noise` supplies the K-1
+    re-noising draws (for seed-exact generation); NFE = K."""
     x = z * grid[0]
     for k, tau in enumerate(grid):
         x0_hat = G(x, torch.full((z.shape[0],), tau, device=z.device), labels)
         if k + 1 < len(grid):
             n = noise[k] if noise is not None else torch.randn_like(x0_hat)
-            x = x0_hat + grid[k + 1] * n
+            x = kernel_mean(x0_hat, x, grid[k + 1], tau, eta) + grid[k + 1] * eta * n
     return x0_hat
 
 #----------------------------------------------------------------------------

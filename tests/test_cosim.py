@@ -241,6 +241,22 @@ def test_cosim_sampler_uses_grid_and_noise():
     assert calls == [80.0, 2.5]
     torch.testing.assert_close(out, (40 * z + 80 + 2.5 * n) / 2 + 2.5, rtol=1e-6, atol=1e-5)
 
+def test_cosim_sampler_renoises_with_the_training_kernel():
+    """Eq. S1 with eta < 1 makes the Eq. K1 move of training: after G at tau_k the state at tau_{k-1} is
+    transition_kernel's x_s for the same G, x_t and n_s (and eta = 1 keeps only fresh noise)."""
+    G = lambda x, sigma, c: x / 3 + 1
+    z, n = torch.randn(2, 4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    states = []
+    G_record = lambda x, sigma, c: states.append(x) or G(x, sigma, c)
+    cosim.cosim_sample(G_record, z, None, [80.0, 2.5], [n], eta=0.6)
+    ks = cosim.transition_kernel(G, torch.zeros_like(z), None, torch.full((4,), 2.5), torch.full((4,), 80.0), z, n,
+                                 eta=0.6)
+    # the same float32 operations in the same order: equal up to x_t = 80 z computed as z * 80 vs 0 + 80 z (exact)
+    torch.testing.assert_close(states[1], ks.x_s, rtol=0, atol=0)
+    n_hat = (80 * z - G(80 * z, None, None)) / 80
+    # by hand: values up to ~300 (80 |z| < 320), float32 rounding ~2e-5 per operation, a few operations: < 1e-4
+    assert (states[1] - G(80 * z, None, None) - 2.5 * 0.6 * n).sub(2.5 * 0.8 * n_hat).abs().max() < 1e-4
+
 def test_heun_sampler_on_gaussian_reaches_data_variance():
     z = torch.randn(20_000, D, 1, 1, generator=torch.Generator().manual_seed(0))
     x = cosim.heun_sample(teacher, z, None, num_steps=64)    # the ODE maps N(0, 80^2) to N(0, S0^2) exactly

@@ -17,7 +17,7 @@ from ..config import Config, parse_seeds
 from ..distributed import DistEnv
 from ..logging import log
 from .decode import make_decoder
-from .real import generator_path, image_shape, load_generator, save_pngs
+from .real import generator_eta, generator_path, image_shape, load_generator, save_pngs
 from .samplers import cosim_spec, rank_seeds, sample, seeded_inputs
 
 def sampler_grid(cfg: Config, extra: dict, noise: cosim.NoiseRange) -> list[float]:
@@ -41,7 +41,7 @@ def run_generate(cfg: Config, device: torch.device, env: DistEnv, noise: cosim.N
     g, e = cfg.generate, cfg.eval
     G, extra = load_generator(generator_path(g.generator, cfg.run_dir, 'generate.generator'))
     G = G.to(device)
-    spec, seeds = cosim_spec(G, sampler_grid(cfg, extra, noise)), parse_seeds(g.seeds)
+    spec, seeds = cosim_spec(G, sampler_grid(cfg, extra, noise), generator_eta(extra, cfg)), parse_seeds(g.seeds)
     decode = make_decoder(G.img_channels, e.vae, device, e.decode_batch, cfg.model.latent_raw_mean,
                           cfg.model.latent_raw_std)
     out = pathlib.Path(g.out) if g.out else cfg.run_dir / 'generated'

@@ -71,12 +71,18 @@ def load_generator(path: str) -> tuple[torch.nn.Module, dict]:
         return load_checkpoint_ema(local), {}
     return load_network_and_extra(local)
 
+def generator_eta(extra: dict, cfg: Config) -> float:
+    """The Eq. K1 kernel.eta a generator was trained with (its snapshot's extra), else the config's: Eq. S1 re-noises
+    with the kernel of training."""
+    return float(extra.get('eta', cfg.kernel.eta))
+
 @dataclasses.dataclass
 class Entry:
     spec: SamplerSpec
     net: torch.nn.Module      # the network the sampler calls (shape and labels come from it)
     network: dict             # its file and sha256
     cosim: bool = False       # an Eq. S1 sampler (its interior grid points can be tuned)
+    eta: float = 1.0          # its Eq. K1 kernel.eta
 
 def sampler_entries(cfg: Config, noise: cosim.NoiseRange, load_teacher: Callable[[], torch.nn.Module],
                     device: torch.device) -> list[Entry]:
@@ -90,8 +96,10 @@ def sampler_entries(cfg: Config, noise: cosim.NoiseRange, load_teacher: Callable
             entries += [Entry(dpm_spec(teacher, n, noise), teacher, info) for n in e.dpm_nfe]
     if 'cosim' in e.samplers:
         path = generator_path(e.generator, cfg.run_dir, 'eval.generator')
-        G, info = load_generator(path)[0].to(device), network_info(path)
-        entries += [Entry(cosim_spec(G, cosim.default_grid(K, noise, e.grid_scale)), G, info, True) for K in e.steps]
+        G, extra = load_generator(path)
+        G, info, eta = G.to(device), network_info(path), generator_eta(extra, cfg)
+        entries += [Entry(cosim_spec(G, cosim.default_grid(K, noise, e.grid_scale), eta), G, info, True, eta)
+                    for K in e.steps]
     return entries
 
 def image_shape(net: torch.nn.Module) -> tuple[int, int, int]:
@@ -215,14 +223,15 @@ def _tuned(entry: Entry, pipe: Pipeline, cfg: Config, env: DistEnv, ref: dict, s
     e, metric = cfg.eval, pipe.metrics[0].name
     seeds = range(e.seed + e.num_samples, e.seed + e.num_samples + e.tune_samples)
 
+    def on(grid: list[float]) -> Entry:
+        return Entry(cosim_spec(entry.net, grid, entry.eta), entry.net, entry.network, True, entry.eta)
+
     def score(grid: list[float]) -> float:
-        accs = pipe.statistics(Entry(cosim_spec(entry.net, grid), entry.net, entry.network), seeds, e.chunk, env,
-                               should_stop)
-        return frechet_to_reference(accs[metric], *ref[metric])
+        return frechet_to_reference(pipe.statistics(on(grid), seeds, e.chunk, env, should_stop)[metric], *ref[metric])
 
     grid, best = tune_grid(entry.spec.grid, score)
     log.info(f'tuned grid K={len(grid)}: {[round(t, 4) for t in grid]} ({metric} {best:.4f} on {e.tune_samples} seeds)')
-    return Entry(cosim_spec(entry.net, grid), entry.net, entry.network, True)
+    return on(grid)
 
 def _row(entry: Entry, seeds: range, accs: dict[str, MomentAccumulator], ref: dict, meta: dict) -> dict:
     row = {'name': entry.spec.name, 'nfe': entry.spec.nfe, 'grid': entry.spec.grid, 'network': entry.network,

@@ -32,10 +32,10 @@ def dpm_spec(teacher: torch.nn.Module, nfe: int, noise: cosim.NoiseRange) -> Sam
     return SamplerSpec(f'teacher DPM-Solver++(2M) (N={nfe})', nfe, 0,
                        lambda z, c, _: cosim.dpm_solver_2m_sample(teacher, z, c, nfe, noise), _solver_grid(nfe, noise))
 
-def cosim_spec(G: torch.nn.Module, grid: list[float], name: str = 'CoSIM') -> SamplerSpec:
-    """Eq. S1 over an explicit grid tau_K > ... > tau_1."""
+def cosim_spec(G: torch.nn.Module, grid: list[float], eta: float = 1.0, name: str = 'CoSIM') -> SamplerSpec:
+    """Eq. S1 over an explicit grid tau_K > ... > tau_1, re-noising with the Eq. K1 kernel of `kernel.eta`."""
     return SamplerSpec(f'{name} K={len(grid)}', len(grid), len(grid) - 1,
-                       lambda z, c, n: cosim.cosim_sample(G, z, c, grid, n), list(grid))
+                       lambda z, c, n: cosim.cosim_sample(G, z, c, grid, n, eta), list(grid))
 
 def seed_labels(seeds: Sequence[int], label_dim: int) -> torch.Tensor:
     """The class label of each seed (int64; the first draw of its generator, as in seeded_inputs)."""

@@ -37,8 +37,9 @@ def toy_scorer(cfg: Config, device: torch.device, env: DistEnv) -> tuple[Scorer,
     floor = frechet_to_reference(exact_moments(world, e.quick_samples, e.seed, e.batch), ref_mu, ref_sigma)
 
     def score(G: torch.nn.Module, grids: dict[int, list[float]]) -> dict[int, float]:
-        return {K: frechet_to_reference(sampler_moments(cosim_spec(G, grid), seeds, world.shape, cfg.model.label_dim,
-                                                        e.batch, device, rank=env.rank, world_size=env.world_size),
+        return {K: frechet_to_reference(sampler_moments(cosim_spec(G, grid, cfg.kernel.eta), seeds, world.shape,
+                                                        cfg.model.label_dim, e.batch, device, rank=env.rank,
+                                                        world_size=env.world_size),
                                         ref_mu, ref_sigma) for K, grid in grids.items()}
     return score, 'frechet_distance', floor
 
@@ -54,8 +55,8 @@ def real_scorer(cfg: Config, device: torch.device, env: DistEnv) -> tuple[Scorer
     pipe, seeds = Pipeline(decode, metric, e.batch, device), range(e.seed, e.seed + e.quick_samples)
 
     def score(G: torch.nn.Module, grids: dict[int, list[float]]) -> dict[int, float]:
-        return {K: frechet_to_reference(pipe.statistics(Entry(cosim_spec(G, grid), G, {}), seeds, e.chunk, env,
-                                                        lambda: False)[metric[0].name], *ref)
+        return {K: frechet_to_reference(pipe.statistics(Entry(cosim_spec(G, grid, cfg.kernel.eta), G, {}), seeds,
+                                                        e.chunk, env, lambda: False)[metric[0].name], *ref)
                 for K, grid in grids.items()}
     return score, metric[0].name, None
 
@@ -74,7 +75,7 @@ class Snapshots:
             return {}
         path = self.run_dir / 'snapshots' / f'generator-kimg{nimg / 1000:010.3f}.pt'
         path.parent.mkdir(exist_ok=True)
-        save_snapshot(path, ema, extra={'grids': self.grids, 'nimg': nimg})
+        save_snapshot(path, ema, extra={'grids': self.grids, 'eta': self.cfg.kernel.eta, 'nimg': nimg})
         row = {'nimg': nimg, 'kimg': nimg / 1000, 'time': time.time(), 'metric': self.metric,
                'num_samples': self.num_samples, 'distance': {f'K={K}': v for K, v in distances.items()},
                'floor': self.floor, 'snapshot': str(path.relative_to(self.run_dir))}

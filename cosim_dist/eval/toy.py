@@ -47,10 +47,10 @@ def evaluate_toy(cfg: Config, teacher: torch.nn.Module, G: torch.nn.Module, devi
     if e.tune_grid:
         tune_seeds = range(e.seed + e.num_samples, e.seed + e.num_samples + e.tune_samples)
         for K in e.steps:
-            grids[K], score = tune_grid(grids[K], lambda g: fd(cosim_spec(G, g), tune_seeds))
+            grids[K], score = tune_grid(grids[K], lambda g: fd(cosim_spec(G, g, cfg.kernel.eta), tune_seeds))
             log.info(f'tuned grid K={K}: {[round(t, 4) for t in grids[K]]} (FD {score:.4f} on {e.tune_samples} seeds)')
     specs = ([heun_spec(teacher, e.heun_steps, noise)] + [dpm_spec(teacher, n, noise) for n in e.dpm_nfe]
-             + [cosim_spec(G, grids[K]) for K in e.steps])
+             + [cosim_spec(G, grids[K], cfg.kernel.eta) for K in e.steps])
     logger = make_logger(cfg, 'eval', env.rank)
     logger.start(e.num_samples * (len(specs) + 1), 0, 'evaluate')
     floor = ComponentStats(world)

@@ -1,5 +1,5 @@
 """`task=generate` on a tiny toy run: the PNGs are the evaluation's images of the same seeds (per-seed inputs, the
-Eq. S1 grid stored with the generator, the evaluation's decoder and PNG writer), the npz holds images, labels and
+Eq. S1 grid and kernel stored with the generator, the evaluation's decoder and PNG writer), the npz holds images, labels and
 seeds, a checkpoint's EMA is a generator file, and a missing generator is a one-line error naming the key."""
 
 import os
@@ -60,6 +60,21 @@ def test_pngs_are_the_evaluation_images_of_the_seeds(toy_run, tmp_path):
     other = generate(toy_run, 'generate.seeds=3', 'generate.steps=2', 'generate.grid=[80,0.5]',
                      f'generate.out={tmp_path}/other')
     assert pngs(other)['000000/000003.png'] != pngs(out)['000000/000003.png']
+
+def test_the_generator_samples_with_the_kernel_it_was_trained_with(toy_run, tmp_path):
+    """Eq. S1 re-noises with the Eq. K1 kernel of training: a run with kernel.eta=0.5 stores it with generator.pt,
+    and task=generate uses it even under a config that says otherwise."""
+    args = [f'run.root={tmp_path}', 'run.name=eta', *TINY, 'kernel.eta=0.5']
+    tasks.run(load_config(args + ['task=train']))
+    cfg = load_config(args)
+    G, extra = load_snapshot(cfg.run_dir / 'generator.pt')
+    assert extra['eta'] == 0.5
+    out = generate(args, 'kernel.eta=1.0', 'generate.seeds=0-1', 'generate.steps=2', f'generate.out={tmp_path}/g')
+    z, c, noise = seeded_inputs([0, 1], (3, 16, 16), 10, 1, torch.device('cpu'))
+    grid = cosim.default_grid(2, noise_range(cfg), cfg.eval.grid_scale)
+    for eta, same in ((0.5, True), (1.0, False)):
+        save_pngs(pixels_to_uint8(cosim_spec(G, grid, eta).fn(z, c, noise)), [0, 1], tmp_path / f'ref{eta}')
+        assert (pngs(out) == pngs(tmp_path / f'ref{eta}')) == same
 
 def test_npz_holds_images_labels_and_seeds(toy_run, tmp_path):
     out = generate(toy_run, 'generate.seeds=0-4', 'generate.classes=[1,2]', 'generate.npz=true', 'generate.png=false',
