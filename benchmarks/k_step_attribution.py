@@ -37,6 +37,12 @@ def run_config(run_dir: pathlib.Path) -> Config:
         raise SystemExit(f'{path} does not exist: pass the directory of a finished toy run (run.root/run.name)')
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
 
+def heun_from(net: torch.nn.Module, x: torch.Tensor, c: torch.Tensor | None, tau: float, heun_steps: int,
+              noise: cosim.NoiseRange) -> torch.Tensor:
+    """The Heun sampler of `net` from x at noise level tau to 0: N steps on the rho-grid from tau to sigma_min."""
+    below = cosim.NoiseRange(sigma_min=noise.sigma_min, sigma_max=tau, rho=noise.rho)
+    return cosim.heun_sample(net, x / tau, c, heun_steps, below)
+
 @torch.no_grad()
 def attribution(cfg: Config, G: torch.nn.Module, teacher: torch.nn.Module, steps: int, samples: int,
                 heun_steps: int, seed: int = 0) -> list[dict]:
@@ -54,18 +60,15 @@ def attribution(cfg: Config, G: torch.nn.Module, teacher: torch.nn.Module, steps
         stats.update(x, labels)
         return {'name': name, 'nfe': nfe, **stats.metrics()}
 
-    def heun_from(x: torch.Tensor, tau: float) -> torch.Tensor:
-        below = cosim.NoiseRange(sigma_min=noise.sigma_min, sigma_max=tau, rho=noise.rho)
-        return cosim.heun_sample(teacher, x / tau, c, heun_steps, below)
-
     rows = [row('exact samples (floor)', 0, x0)]
     rows += [row(f'G one step @ {tau:.4g}', 1, G(x0 + tau * draws[k], sigma(tau), c)) for k, tau in enumerate(grid)]
+    heun = lambda x, tau: heun_from(teacher, x, c, tau, heun_steps, noise)
     for k, tau in enumerate(grid[1:], start=1):
         # the Eq. S1 state at tau_k: the sampler over the first k grid points, re-noised to tau_k (draws[j] re-noises
         # to grid[j], as in the whole sampler below)
         x = cosim.cosim_sample(G, z, c, grid[:k], draws[1:]) + tau * draws[k]
-        rows.append(row(f'chain @ {tau:.4g} -> Heun', k + 2 * heun_steps - 1, heun_from(x, tau)))
-        rows.append(row(f'exact @ {tau:.4g} -> Heun', 2 * heun_steps - 1, heun_from(x0 + tau * draws[k], tau)))
+        rows.append(row(f'chain @ {tau:.4g} -> Heun', k + 2 * heun_steps - 1, heun(x, tau)))
+        rows.append(row(f'exact @ {tau:.4g} -> Heun', 2 * heun_steps - 1, heun(x0 + tau * draws[k], tau)))
     rows.append(row(f'CoSIM K={steps} (whole sampler)', steps, cosim.cosim_sample(G, z, c, grid, draws[1:])))
     return rows
 

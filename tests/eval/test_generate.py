@@ -1,6 +1,7 @@
 """`task=generate` on a tiny toy run: the PNGs are the evaluation's images of the same seeds (per-seed inputs, the
-Eq. S1 grid and kernel stored with the generator, the evaluation's decoder and PNG writer), the npz holds images, labels and
-seeds, a checkpoint's EMA is a generator file, and a missing generator is a one-line error naming the key."""
+Eq. S1 grid and kernel stored with the generator, the evaluation's decoder and PNG writer), the npz holds images,
+labels and seeds, a checkpoint's EMA is a generator file, and a missing generator is a one-line error naming the
+key."""
 
 import os
 import pathlib
