@@ -17,6 +17,7 @@ squared distance per sample to the teacher's ODE solution of the same x_tau:
 
 import argparse
 import copy
+import math
 import pathlib
 import sys
 
@@ -87,7 +88,7 @@ def main() -> None:
     if cfg.model.arch != 'toy' or cfg.data.kind != 'gmm' or cfg.teacher.kind != 'network':
         raise SystemExit(f'{a.run_dir} is not a toy run with a network teacher')
     teacher = load_snapshot(toy_teacher_path(cfg))[0].eval()
-    steps = a.steps or round(cfg.train.kimg * 1000 / cfg.train.batch)
+    steps = a.steps or math.ceil(int(cfg.train.kimg * 1000) / cfg.train.batch)    # the trainer's: until nimg >= kimg
     rows = ode_regression(cfg, teacher, load_snapshot(a.run_dir / 'generator.pt')[0].eval(), a.tau, steps,
                           a.lr or cfg.train.lr_g, a.samples, a.heun_steps)
     columns = {k: v for k, v in TOY_METRICS.items() if k != 'frechet_distance'}
