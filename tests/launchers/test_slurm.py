@@ -22,8 +22,11 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ARGS = ['task=train', 'engine.backend=deepspeed', 'engine.zero_stage=1', 'pretrain.kimg=1', 'pretrain.batch=64',
-        'model.net.model_channels=16', 'train.batch=32', 'train.kimg=16', 'train.log_kimg=0.032',
+        'model.net.model_channels=16', 'train.batch=32', 'train.log_kimg=0.032',
         'train.checkpoint_kimg=0', 'logging.wandb=disabled', 'logging.progress=false']
+# train.kimg per test: the time-limit stop (the third, asked for at ~1.2 kimg) comes at slurmctld's next time-limit
+# check, up to 30 s later, so a run must hold more than 30 s of training after it. 2 ranks train ~0.4 kimg/s here
+# (16 kimg), 2 nodes x 2 tasks 0.1-0.2 kimg/s (10 kimg; at 16 the sbatch test took 266 s, at 10 184 s).
 
 def job_env(cluster_s3) -> dict[str, str]:
     """The submitting shell's environment (sbatch exports it to the job): the S3 endpoint on the nodes' side of the
@@ -64,11 +67,11 @@ def launch(tmp_path: pathlib.Path, testbed, env: dict[str, str], *args: str) -> 
 def test_two_node_run_survives_two_preemptions_and_its_time_limit(slurm_cluster, cluster_s3, tmp_path):
     job_state, wait_for = slurm_cluster.job_state, slurm_cluster.wait_for
     env = job_env(cluster_s3)
-    ref = local_run(tmp_path, 2, env, 'train.batch_gpu=16', *ARGS)
+    ref = local_run(tmp_path, 2, env, 'train.batch_gpu=16', 'train.kimg=16', *ARGS)
     key = f'two-node-{uuid.uuid4().hex[:8]}'
     t0 = time.monotonic()
     job = launch(tmp_path, slurm_cluster, env, f'run.root=/scratch/{key}', 'run.name=two',
-                 f'checkpoint.url=s3://{cluster_s3.bucket}/{key}', 'train.batch_gpu=16', *ARGS)
+                 f'checkpoint.url=s3://{cluster_s3.bucket}/{key}', 'train.batch_gpu=16', 'train.kimg=16', *ARGS)
     log = lambda: ''.join(p.read_text() for p in sorted((tmp_path / 'jobs').glob(f'{job}_*_log.*')))
     slurm_cluster.stop_three_times(job, f'{key}/two', log)
     wait_for(lambda: job_state(job) in ('', 'COMPLETED') and 'done in' in log(), 300, 'the run to finish', log)
@@ -81,14 +84,14 @@ def test_two_node_run_survives_two_preemptions_and_its_time_limit(slurm_cluster,
 
 def test_sbatch_two_nodes_two_tasks_survive_two_preemptions_and_the_time_limit(slurm_cluster, cluster_s3, tmp_path):
     env = job_env(cluster_s3)
-    ref = local_run(tmp_path, 4, env, 'train.batch_gpu=8', *ARGS)
+    ref = local_run(tmp_path, 4, env, 'train.batch_gpu=8', 'train.kimg=10', *ARGS)
     key, out = f'sbatch-{uuid.uuid4().hex[:8]}', tmp_path / 'job.out'
     t0 = time.monotonic()
     submit = subprocess.run(
         ['sbatch', '--parsable', f'--chdir={REPO}', f'--output={out}', '--nodes=2', '--ntasks-per-node=2',
          '--gpus-per-node=0', '--cpus-per-task=1', '--time=20', f'--partition={slurm_cluster.low}',
          str(REPO / 'slurm' / 'train.sbatch'), f'run.root=/scratch/{key}', 'run.name=sb',
-         f'checkpoint.url=s3://{cluster_s3.bucket}/{key}', 'train.batch_gpu=8', *ARGS],
+         f'checkpoint.url=s3://{cluster_s3.bucket}/{key}', 'train.batch_gpu=8', 'train.kimg=10', *ARGS],
         capture_output=True, text=True, check=True, env=env)
     job = submit.stdout.strip().split(';')[0]
     log = lambda: out.read_text() if out.exists() else ''
