@@ -7,7 +7,8 @@ K = 1, 2, 4, the teacher's Heun and DPM-Solver++(2M) at NFE 2/4/8, the exact-sam
 (mean over seeds) and writes every row to <out>/study.json.
 
     python benchmarks/t1_study.py --quick      # minutes: R in {4, 0.25}, rho and logsigma, gated, exact teacher
-    python benchmarks/t1_study.py              # hours: the whole grid, 3 seeds
+    python benchmarks/t1_study.py              # hours: the whole grid, 3 seeds (stop and rerun at will)
+    python benchmarks/t1_study.py --report     # no training: the table of what has finished so far
 """
 
 import argparse
@@ -30,9 +31,13 @@ BUDGET = {'full': ['pretrain.kimg=300', 'train.kimg=100', 'eval.num_samples=1000
           'quick': ['pretrain.kimg=20', 'pretrain.batch=128', 'train.kimg=4', 'train.batch=32', 'eval.num_samples=1000',
                     'eval.batch=500', 'model.net.model_channels=16']}
 
-def run_one(out: pathlib.Path, mode: str, combo: dict, extra: list[str]) -> list[dict]:
+def run_one(out: pathlib.Path, mode: str, combo: dict, extra: list[str], train: bool = True) -> list[dict]:
+    """The eval.json rows of one combination, tagged with it; trains it first unless it finished (or `train` is
+    false: then a combination that has not finished has no rows)."""
     name = '-'.join(f'{k}{v}' for k, v in combo.items())
     path = out / name / 'eval.json'
+    if not path.exists() and not train:
+        return []
     if not path.exists():                    # finished runs are kept: a rerun of the study only fills the gaps
         args = [f'run.root={out}', f'run.name={name}', 'task=default', 'logging.wandb=disabled',
                 'logging.progress=false', f'schedule.ratio={combo["ratio"]}', 'schedule.ratio_mix=null',  # one R
@@ -48,15 +53,15 @@ def run_one(out: pathlib.Path, mode: str, combo: dict, extra: list[str]) -> list
     return [dict(row, **combo) for row in json.loads(path.read_text())]
 
 def table(rows: list[dict], keys: tuple[str, ...]) -> str:
-    """Mean over seeds of every metric, one line per (combination, sampler)."""
+    """Mean over seeds of every metric, one line per (combination, sampler), with the number of seeds it averages."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((*(r[k] for k in keys), r['name']), []).append(r)
-    head = [*keys, 'sampler', 'NFE', *METRICS]
+    head = [*keys, 'sampler', 'NFE', 'seeds', *METRICS]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for key, rs in groups.items():
         means = [statistics.fmean(r[m] for r in rs) for m in METRICS]
-        lines.append('| ' + ' | '.join(map(str, key)) + f' | {rs[0]["nfe"]} | '
+        lines.append('| ' + ' | '.join(map(str, key)) + f' | {rs[0]["nfe"]} | {len(rs)} | '
                      + ' | '.join(f'{v:.4f}' for v in means) + ' |')
     return '\n'.join(lines)
 
@@ -64,14 +69,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--quick', action='store_true', help='the CI-sized grid and budget (minutes)')
     parser.add_argument('--out', default='runs/t1-study', help='run root (finished runs are reused)')
+    parser.add_argument('--report', action='store_true',
+                        help='train nothing: the table of the combinations that have finished so far')
     parser.add_argument('overrides', nargs='*', help='extra key=value overrides for every run')
     args = parser.parse_args()
     mode = 'quick' if args.quick else 'full'
     out = pathlib.Path(args.out).absolute() / mode
     grid = GRID[mode]
     rows = [r for values in itertools.product(*grid.values())
-            for r in run_one(out, mode, dict(zip(grid, values)), args.overrides)]
-    (out / 'study.json').write_text(json.dumps(rows, indent=1))
+            for r in run_one(out, mode, dict(zip(grid, values)), args.overrides, train=not args.report)]
+    if not args.report:
+        (out / 'study.json').write_text(json.dumps(rows, indent=1))
     print(table(rows, ('teacher', 't_embed', 'kind', 'ratio')))
 
 if __name__ == '__main__':
