@@ -9,6 +9,7 @@ K = 1, 2, 4, the teacher's Heun and DPM-Solver++(2M) at NFE 2/4/8, the exact-sam
     python benchmarks/t1_study.py --quick      # minutes: R in {4, 0.25}, rho and logsigma, gated, exact teacher
     python benchmarks/t1_study.py              # hours: the whole grid, 3 seeds (stop and rerun at will)
     python benchmarks/t1_study.py --report     # no training: the table of what has finished so far
+    python benchmarks/t1_study.py --only teacher=network --only t_embed=gated     # a slice of the grid first
 """
 
 import argparse
@@ -65,17 +66,40 @@ def table(rows: list[dict], keys: tuple[str, ...]) -> str:
                      + ' | '.join(f'{v:.4f}' for v in means) + ' |')
     return '\n'.join(lines)
 
+def _equal(value, text: str) -> bool:
+    """Whether `text` names the grid value (`4` and `4.0` name the same R)."""
+    try:
+        return type(value)(text) == value
+    except ValueError:
+        return False
+
+def restrict(grid: dict[str, tuple], only: list[str]) -> dict[str, tuple]:
+    """The grid with each `key=v1,v2` of `only` keeping those values of that key (a slice of the study, run first)."""
+    grid = dict(grid)
+    for item in only:
+        key, _, values = item.partition('=')
+        if key not in grid:
+            raise SystemExit(f'--only {item}: no grid key {key!r}; the keys are {", ".join(grid)}')
+        kept = tuple(v for v in grid[key] if any(_equal(v, x) for x in values.split(',')))
+        if not kept:
+            raise SystemExit(f'--only {item}: none of {values!r} is in the grid; {key} takes '
+                             f'{", ".join(map(str, grid[key]))}')
+        grid[key] = kept
+    return grid
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--quick', action='store_true', help='the CI-sized grid and budget (minutes)')
     parser.add_argument('--out', default='runs/t1-study', help='run root (finished runs are reused)')
     parser.add_argument('--report', action='store_true',
                         help='train nothing: the table of the combinations that have finished so far')
+    parser.add_argument('--only', action='append', default=[], metavar='KEY=V1,V2',
+                        help='a slice of the grid, e.g. --only teacher=network --only ratio=4.0,0.25')
     parser.add_argument('overrides', nargs='*', help='extra key=value overrides for every run')
     args = parser.parse_args()
     mode = 'quick' if args.quick else 'full'
     out = pathlib.Path(args.out).absolute() / mode
-    grid = GRID[mode]
+    grid = restrict(GRID[mode], args.only)
     rows = [r for values in itertools.product(*grid.values())
             for r in run_one(out, mode, dict(zip(grid, values)), args.overrides, train=not args.report)]
     if not args.report:

@@ -1,6 +1,6 @@
 """benchmarks/t1_study.py --quick, the CI-sized form of the Eq. T1 study: every combination of its grid trains, is
 evaluated with every toy metric and lands in study.json and the printed table; `--report` reprints that table from the
-finished runs without training."""
+finished runs without training, and `--only` runs a slice of the grid."""
 
 import json
 import math
@@ -13,7 +13,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / 'benchmarks'))
-from t1_study import GRID, METRICS  # noqa: E402
+from t1_study import GRID, METRICS, restrict  # noqa: E402
 
 @pytest.mark.slow
 def test_quick_study_fills_every_row(tmp_path):
@@ -37,3 +37,12 @@ def test_quick_study_fills_every_row(tmp_path):
     assert again.stdout == done.stdout
     empty = subprocess.run([*report, '--out', str(tmp_path / 'none')], capture_output=True, text=True, check=True)
     assert len(empty.stdout.splitlines()) == 2 and not (tmp_path / 'none' / 'quick' / 'study.json').exists()
+
+def test_only_restricts_the_grid_to_a_slice():
+    grid = restrict(GRID['full'], ['teacher=network', 'ratio=4,0.25', 'seed=2'])
+    assert grid == {**GRID['full'], 'teacher': ('network',), 'ratio': (4.0, 0.25), 'seed': (2,)}
+    assert restrict(GRID['full'], []) == GRID['full']
+    with pytest.raises(SystemExit, match="no grid key 'R'; the keys are ratio, kind"):
+        restrict(GRID['full'], ['R=4'])
+    with pytest.raises(SystemExit, match="none of 'cosine' is in the grid; kind takes rho, sigma, logsigma"):
+        restrict(GRID['full'], ['kind=cosine'])
