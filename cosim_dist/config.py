@@ -72,8 +72,8 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ScheduleConfig:
-    # Eq. T1's reading of the gap (under study, docs/ALGORITHM-notes): rho (r_s = r_t (1 - g) in rho-space) | sigma
-    # (sigma_s = sigma_t (1 - g)) | logsigma (log sigma_s = log sigma_t - g (log sigma_t - log sigma_min))
+    # Eq. T1's reading of the gap (under study, docs/ALGORITHM.md "Choices"): rho (r_s = r_t (1 - g) in rho-space)
+    # | sigma (sigma_s = sigma_t (1 - g)) | logsigma (log sigma_s = log sigma_t - g (log sigma_t - log sigma_min))
     kind: str = 'rho'
     ratio: float = 4.0               # R of Eq. T1 (gap fraction ~ Beta(R, 1)): larger values favour large gaps t - s
     ratio_mix: float | None = None   # optional second R: a pair's gap is drawn from Beta(ratio_mix, 1) with probability
