@@ -73,8 +73,10 @@ class DataConfig:
 @dataclasses.dataclass
 class ScheduleConfig:
     # Eq. T1's reading of the gap (under study, docs/ALGORITHM.md "Choices"): rho (r_s = r_t (1 - g) in rho-space)
-    # | sigma (sigma_s = sigma_t (1 - g)) | logsigma (log sigma_s = log sigma_t - g (log sigma_t - log sigma_min))
-    kind: str = 'rho'
+    # | sigma (sigma_s = sigma_t (1 - g)) | logsigma (log sigma_s = log sigma_t - g (log sigma_t - log sigma_min)).
+    # sigma for the published teachers: at the paper's R it is the only reading that does not collapse the toy's modes
+    # (docs/benchmarks.md, T1 study, full-grid slice); the toy keeps rho at its small R (configs/model/toy.yaml).
+    kind: str = 'sigma'
     ratio: float = 4.0               # R of Eq. T1 (gap fraction ~ Beta(R, 1)): larger values favour large gaps t - s
     ratio_mix: float | None = None   # optional second R: a pair's gap is drawn from Beta(ratio_mix, 1) with probability
     mix_p: float = 0.5               # mix_p, else from Beta(ratio, 1) (short and long jumps in one run; under study)

@@ -40,8 +40,8 @@ def edm_grid(num_points: int, noise: NoiseRange) -> torch.Tensor:
 # Eq. T1: joint time schedule pi(s, t).
 #   r_t ~ U(r_lo, 1),  g ~ Beta(R, 1),  sigma_min <= sigma_s (<= sigma_s_max), and the gap g read as (`kind`)
 #   (optionally a mixture: g ~ Beta(R_mix, 1) with probability p, else Beta(R, 1))
-#     rho:      r_s = r_t (1 - g)                                      (the spec's reading)
-#     sigma:    sigma_s = sigma_t (1 - g)
+#     rho:      r_s = r_t (1 - g)                                      (the spec's reading; the toy's)
+#     sigma:    sigma_s = sigma_t (1 - g)                              (the published teachers')
 #     logsigma: log sigma_s = log sigma_t - g (log sigma_t - log sigma_min)
 # In every reading a larger R gives larger gaps (E[g] = R / (R + 1)).
 
@@ -54,7 +54,7 @@ class TimeSchedule:
     r_lo: float                        # lower end of r_t
     sigma_s_max: float | None          # optional cap on sigma_s
     noise: NoiseRange
-    kind: str = 'rho'                  # the reading of the gap (T1_KINDS)
+    kind: str                          # the reading of the gap (T1_KINDS)
     gen_sigma_s_min: float | None = None  # optional floor on sigma_s for the generator step
     ratio_mix: float | None = None     # optional second R of a mixture
     mix_p: float = 0.5                 # its share of the pairs

@@ -129,10 +129,14 @@ def test_model_configs_carry_table5_and_latent_constants():
     assert (s.schedule.ratio, m.schedule.ratio, large.schedule.ratio) == (8, 4, 4)
     assert (s.model.net['dropout'], m.model.net['dropout'], large.model.net['dropout']) == (0, 0.1, 0.1)
     assert (s.train.kimg, large.train.kimg) == (200_000, 20_000) and s.train.beta2 == 0.99 and s.train.batch_gpu == 32
+    # Eq. T1: the published teachers take the paper's R as a sigma-space gap, the toy its small R in rho-space
+    assert {c.schedule.kind for c in (s, m, large)} == {'sigma'}
+    assert load_config([]).schedule.kind == 'rho'
     assert s.model.latent_raw_mean == [5.81, 3.25, 0.12, -2.15] and s.model.latent_raw_std == [4.17, 4.62, 3.71, 3.28]
     cifar = load_config(['model=edm-cifar10-cond', 'data.path=x'])
     assert cifar.model.label_dim == 10 and cifar.model.net['dropout'] == 0 and cifar.train.beta2 == 0.999
     assert load_config(['model=edm-in64', 'data.path=x']).schedule.ratio == 8
+    assert {load_config([f'model={n}', 'data.path=x']).schedule.kind for n in MODEL_PARAMS} == {'sigma'}
 
 def test_group_extends_and_defaults(tmp_path, monkeypatch):
     """`extends` merges the parent first (child wins); `defaults` picks groups the command line leaves open; a cycle

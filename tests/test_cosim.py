@@ -109,7 +109,7 @@ def assert_mean(x: torch.Tensor, expected: float) -> None:
 
 @pytest.mark.parametrize('R', [1.0, 8.0])
 def test_time_schedule_support_order_and_moments(R):
-    sched = cosim.TimeSchedule(ratio=R, r_lo=0.2, sigma_s_max=None, noise=cosim.NoiseRange())
+    sched = cosim.TimeSchedule(ratio=R, r_lo=0.2, sigma_s_max=None, noise=cosim.NoiseRange(), kind='rho')
     n = 200_000
     s, t = sched.sample(n, torch.Generator().manual_seed(0))
     noise = sched.noise
@@ -185,14 +185,15 @@ def test_a_mixture_of_two_ratios_draws_its_gap_from_the_mixture(kind):
     assert far < float((g > 0.5).float().mean()) - 0.05              # the mixture's long jumps: more large gaps
 
 def test_generator_floor_on_sigma_s():
-    sched = cosim.TimeSchedule(ratio=4.0, r_lo=0.0, sigma_s_max=None, noise=cosim.NoiseRange(), gen_sigma_s_min=0.05)
+    sched = cosim.TimeSchedule(ratio=4.0, r_lo=0.0, sigma_s_max=None, noise=cosim.NoiseRange(), kind='rho',
+                               gen_sigma_s_min=0.05)
     s, t = sched.sample(10_000, torch.Generator().manual_seed(0))
     s_gen = sched.generator_sigma_s(s, t)
     assert (s_gen <= t).all() and (s_gen >= torch.minimum(torch.full_like(t, 0.05), t)).all()
     assert torch.equal(s_gen[s >= 0.05], s[s >= 0.05]) and (s < 0.05).float().mean() > 0.5   # only low pairs move
 
 def test_time_schedule_cap():
-    sched = cosim.TimeSchedule(ratio=1.0, r_lo=0.0, sigma_s_max=1.5, noise=cosim.NoiseRange())
+    sched = cosim.TimeSchedule(ratio=1.0, r_lo=0.0, sigma_s_max=1.5, noise=cosim.NoiseRange(), kind='rho')
     s, _ = sched.sample(10_000, torch.Generator().manual_seed(0))
     assert s.max() <= 1.5
 

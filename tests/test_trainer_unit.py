@@ -95,7 +95,7 @@ def make_trainer(tmp_path: pathlib.Path, name: str, *, init_seed: int = 1, lmbda
                         aux_warmup_kimg=aux_warmup_kimg)
     cfg = Config(loss=LossConfig(lmbda=lmbda), train=train)
     rounds, sc = BATCH // batch_gpu, cfg.schedule
-    schedule = cosim.TimeSchedule(ratio=sc.ratio, r_lo=sc.r_lo, sigma_s_max=sc.sigma_s_max,
+    schedule = cosim.TimeSchedule(ratio=sc.ratio, r_lo=sc.r_lo, sigma_s_max=sc.sigma_s_max, kind='rho',
                                   noise=cosim.NoiseRange(sigma_min=sc.sigma_min, sigma_max=sc.sigma_max, rho=sc.rho))
     engine = lambda net, lr: TorchEngine(net, lr, (train.beta1, train.beta2), train.eps, accum=rounds)
     kwargs.setdefault('checkpointer', RecordingCheckpointer(tmp_path / name))
