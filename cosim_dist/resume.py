@@ -12,6 +12,8 @@ RESUME_SECTIONS = ('run.seed', 'model', 'teacher.kind', 'aux', 'data', 'schedule
                    'train.aux_warmup_kimg')
 # inside those sections, settings a resume may change: the loader's readers (data.py re-deals the epoch to them)
 FREE = frozenset({'data.num_workers'})
+# settings whose default changed after they were added: a checkpoint that lacks one was written under this value
+WRITTEN_BEFORE = {'schedule.kind': 'rho'}   # sigma since the T1 study (docs/ALGORITHM.md, "Choices")
 
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(value):
@@ -26,8 +28,9 @@ def resume_fingerprint(cfg: Config) -> dict[str, Any]:
 
 def check_resume(saved: dict[str, Any], now: dict[str, Any]) -> None:
     """Raise ConfigError listing every setting that differs from the checkpoint's. A setting the checkpoint lacks
-    (added by a later version of cosim_dist) matches its default: the version that wrote the checkpoint behaved so."""
-    default = resume_fingerprint(Config())
+    (added by a later version of cosim_dist) matches the value the version that wrote the checkpoint used: its
+    default, or WRITTEN_BEFORE's where the default has changed since."""
+    default = {**resume_fingerprint(Config()), **WRITTEN_BEFORE}
     older = {k: default[k] for k in set(now) - set(saved) if k in default}
     def shown(k: str) -> str:
         return f'unset (default {older[k]!r})' if k in older else repr(saved.get(k, '<unset>'))

@@ -29,3 +29,11 @@ def test_a_setting_newer_than_the_checkpoint_matches_only_its_default():
     unset = r"train\.aux_warmup_kimg: unset \(default 0\.0\) in the checkpoint, 5\.0 now"
     with pytest.raises(ConfigError, match=unset):
         check_resume(old, fingerprint(aux_warmup_kimg=5.0))
+
+def test_a_setting_whose_default_changed_matches_the_old_default():
+    """A checkpoint written before `schedule.kind` existed was trained with the rho reading, the default then: it
+    resumes with kind=rho and is refused under today's default (sigma), naming both."""
+    old = {k: v for k, v in fingerprint().items() if k != 'schedule.kind'}
+    check_resume(old, {**fingerprint(), 'schedule.kind': 'rho'})
+    with pytest.raises(ConfigError, match=r"schedule\.kind: unset \(default 'rho'\) in the checkpoint, 'sigma' now"):
+        check_resume(old, fingerprint())
