@@ -37,9 +37,9 @@ def run_one(out: pathlib.Path, mode: str, combo: dict, extra: list[str], train: 
     false: then a combination that has not finished has no rows)."""
     name = '-'.join(f'{k}{v}' for k, v in combo.items())
     path = out / name / 'eval.json'
-    if not path.exists() and not train:
-        return []
     if not path.exists():                    # finished runs are kept: a rerun of the study only fills the gaps
+        if not train:
+            return []
         args = [f'run.root={out}', f'run.name={name}', 'task=default', 'logging.wandb=disabled',
                 'logging.progress=false', f'schedule.ratio={combo["ratio"]}', 'schedule.ratio_mix=null',  # one R
                 f'schedule.kind={combo["kind"]}',
